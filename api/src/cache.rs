@@ -1,0 +1,280 @@
+//! Redis cache of `GET /api/v1/users/{id}` responses (cache-aside), safe against stale fills.
+//!
+//! Every entry is `"<version>|<json body>"`, or `"<version>|"` for a deleted user (a tombstone).
+//! All writes go through one Lua compare-and-set that only replaces an entry with a strictly newer
+//! version. So a GET that read the row just before a PUT or DELETE committed cannot put the old state
+//! back after the write has stored its own (newer) entry: its fill is refused by Redis itself.
+//! Fills are also dropped when the database read they carry is older than half the TTL, so a newer
+//! entry can never have expired before the stale fill lands.
+//!
+//! Redis is never on the critical path: each call has a short timeout, errors are logged and turn
+//! into a miss, and after a read failure reads skip Redis for a moment instead of each paying the
+//! timeout. A write whose cache update fails is retried in the background until it lands or the old
+//! entry has surely expired; meanwhile this replica bypasses the cache for that user.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bb8_redis::RedisConnectionManager;
+use bytes::Bytes;
+use common::config::RedisConfig;
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Script};
+use uuid::Uuid;
+
+/// Stores `ARGV[1] | ARGV[2]` with a TTL of `ARGV[3]` ms unless the entry has an equal or newer version.
+const COMPARE_AND_SET: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local separator = string.find(current, '|', 1, true)
+  if separator and tonumber(string.sub(current, 1, separator - 1)) >= tonumber(ARGV[1]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[3])
+return 1
+";
+
+/// After a failed read, reads skip Redis this long.
+const READ_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What the cache knows about a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The serialized user, ready to be the response body.
+    Hit(Bytes),
+    /// The user was deleted.
+    Deleted,
+    /// Nothing usable: ask PostgreSQL.
+    Miss,
+}
+
+/// The user cache. Cheap to clone.
+#[derive(Clone)]
+pub struct UserCache(Option<Arc<Inner>>);
+
+struct Inner {
+    pool: bb8::Pool<RedisConnectionManager>,
+    key_prefix: String,
+    ttl: Duration,
+    timeout: Duration,
+    compare_and_set: Script,
+    started: Instant,
+    /// Milliseconds since `started` before which reads skip Redis.
+    reads_paused_until_ms: AtomicU64,
+    /// Users whose latest write has not reached Redis yet.
+    pending_writes: Mutex<HashSet<Uuid>>,
+}
+
+impl UserCache {
+    /// A cache over Redis, or a cache that always misses when `CACHE_TTL` is 0.
+    pub fn new(config: &RedisConfig) -> anyhow::Result<Self> {
+        let Some(ttl) = config.cache_ttl else {
+            return Ok(Self(None));
+        };
+        let manager = RedisConnectionManager::new(connection_info(config)?)?;
+        let pool = bb8::Pool::builder()
+            .max_size(config.pool_max_size.get())
+            .connection_timeout(config.timeout)
+            // Each checkout test is a PING round trip; a broken connection shows up as an error instead.
+            .test_on_check_out(false)
+            .build_unchecked(manager);
+        Ok(Self(Some(Arc::new(Inner {
+            pool,
+            key_prefix: config.key_prefix.clone(),
+            ttl,
+            timeout: config.timeout,
+            compare_and_set: Script::new(COMPARE_AND_SET),
+            started: Instant::now(),
+            reads_paused_until_ms: AtomicU64::new(0),
+            pending_writes: Mutex::new(HashSet::new()),
+        }))))
+    }
+
+    /// Looks a user up. Never fails: any problem is a [`Lookup::Miss`].
+    pub async fn get(&self, id: Uuid) -> Lookup {
+        let Some(inner) = &self.0 else { return Lookup::Miss };
+        if inner.reads_paused() || inner.is_pending(id) {
+            return Lookup::Miss;
+        }
+        let key = inner.key(id);
+        let result = inner
+            .with_timeout(async {
+                let mut conn = inner.pool.get().await.map_err(pool_error)?;
+                redis::cmd("GET").arg(&key).query_async::<Option<Vec<u8>>>(&mut *conn).await
+            })
+            .await;
+        match result {
+            Ok(Some(entry)) => decode(Bytes::from(entry)),
+            Ok(None) => Lookup::Miss,
+            Err(err) => {
+                tracing::warn!(error = %err, "cache read failed; serving from PostgreSQL");
+                inner.pause_reads();
+                Lookup::Miss
+            }
+        }
+    }
+
+    /// Stores what a GET read from PostgreSQL, in the background (the response does not wait).
+    /// `read_started` is when that database read began.
+    pub fn fill(&self, id: Uuid, version: i64, body: Bytes, read_started: Instant) {
+        let Some(inner) = &self.0 else { return };
+        if inner.reads_paused() || inner.is_pending(id) {
+            return;
+        }
+        let inner = Arc::clone(inner);
+        tokio::spawn(async move {
+            // Past half the TTL a newer entry might have expired already; the fill could resurrect
+            // the old state, so it is dropped.
+            if read_started.elapsed() > inner.ttl / 2 {
+                return;
+            }
+            if let Err(err) = inner.compare_and_set(id, version, &body).await {
+                tracing::warn!(error = %err, "cache fill failed");
+                inner.pause_reads();
+            }
+        });
+    }
+
+    /// Records a user's new state after a write committed; returns once Redis has it or the attempt
+    /// failed (then it is retried in the background).
+    pub async fn store(&self, id: Uuid, version: i64, body: Bytes) {
+        self.write(id, version, body).await;
+    }
+
+    /// Records that a user was deleted; `version` is the deleted row's version.
+    pub async fn store_deleted(&self, id: Uuid, version: i64) {
+        self.write(id, version + 1, Bytes::new()).await;
+    }
+
+    async fn write(&self, id: Uuid, version: i64, body: Bytes) {
+        let Some(inner) = &self.0 else { return };
+        if let Err(err) = inner.compare_and_set(id, version, &body).await {
+            tracing::warn!(error = %err, "cache update after a write failed; retrying in the background");
+            inner.retry_in_background(id, version, body);
+        }
+    }
+
+    /// Round-trips a PING, for health checks.
+    pub async fn ping(&self) -> Result<(), String> {
+        let Some(inner) = &self.0 else { return Err("cache disabled (CACHE_TTL=0)".into()) };
+        inner
+            .with_timeout(async {
+                let mut conn = inner.pool.get().await.map_err(pool_error)?;
+                redis::cmd("PING").query_async::<()>(&mut *conn).await
+            })
+            .await
+            .map_err(|err| err.to_string())
+    }
+
+    /// Whether the cache is turned on.
+    pub fn is_enabled(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl Inner {
+    fn key(&self, id: Uuid) -> String {
+        format!("{}user:{}", self.key_prefix, id)
+    }
+
+    async fn with_timeout<T>(&self, operation: impl Future<Output = redis::RedisResult<T>>) -> redis::RedisResult<T> {
+        match tokio::time::timeout(self.timeout, operation).await {
+            Ok(result) => result,
+            Err(_) => Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out"))),
+        }
+    }
+
+    async fn compare_and_set(&self, id: Uuid, version: i64, body: &[u8]) -> redis::RedisResult<()> {
+        let key = self.key(id);
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        self.with_timeout(async {
+            let mut conn = self.pool.get().await.map_err(pool_error)?;
+            self.compare_and_set
+                .key(&key)
+                .arg(version)
+                .arg(body)
+                .arg(ttl_ms)
+                .invoke_async::<i64>(&mut *conn)
+                .await
+                .map(drop)
+        })
+        .await
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn reads_paused(&self) -> bool {
+        self.now_ms() < self.reads_paused_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn pause_reads(&self) {
+        let until = self.now_ms() + u64::try_from(READ_BACKOFF.as_millis()).unwrap_or(u64::MAX);
+        self.reads_paused_until_ms.fetch_max(until, Ordering::Relaxed);
+    }
+
+    fn is_pending(&self, id: Uuid) -> bool {
+        self.pending_writes.lock().is_ok_and(|pending| pending.contains(&id))
+    }
+
+    /// Keeps trying to land a write's entry until it does, or until any entry it should replace has
+    /// expired (one TTL after the write): from then on Redis cannot serve the old state any more.
+    fn retry_in_background(self: &Arc<Self>, id: Uuid, version: i64, body: Bytes) {
+        if let Ok(mut pending) = self.pending_writes.lock() {
+            pending.insert(id);
+        }
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            let give_up_at = Instant::now() + inner.ttl;
+            let mut delay = Duration::from_millis(50);
+            while Instant::now() < give_up_at {
+                tokio::time::sleep(delay).await;
+                if inner.compare_and_set(id, version, &body).await.is_ok() {
+                    break;
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            if let Ok(mut pending) = inner.pending_writes.lock() {
+                pending.remove(&id);
+            }
+        });
+    }
+}
+
+fn decode(entry: Bytes) -> Lookup {
+    let Some(separator) = entry.iter().position(|&byte| byte == b'|') else {
+        return Lookup::Miss;
+    };
+    let body = entry.slice(separator + 1..);
+    if body.is_empty() { Lookup::Deleted } else { Lookup::Hit(body) }
+}
+
+fn pool_error(err: bb8::RunError<redis::RedisError>) -> redis::RedisError {
+    match err {
+        bb8::RunError::User(err) => err,
+        bb8::RunError::TimedOut => redis::RedisError::from((redis::ErrorKind::Io, "no connection in time")),
+    }
+}
+
+fn connection_info(config: &RedisConfig) -> redis::RedisResult<ConnectionInfo> {
+    let mut redis_settings = redis::RedisConnectionInfo::default().set_db(i64::from(config.db));
+    if let Some(password) = &config.password {
+        redis_settings = redis_settings.set_password(password.expose());
+    }
+    Ok(ConnectionAddr::Tcp(config.host.clone(), config.port).into_connection_info()?.set_redis_settings(redis_settings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_entries_and_tombstones() {
+        assert_eq!(decode(Bytes::from_static(b"3|{\"a\":1}")), Lookup::Hit(Bytes::from_static(b"{\"a\":1}")));
+        assert_eq!(decode(Bytes::from_static(b"4|")), Lookup::Deleted);
+        assert_eq!(decode(Bytes::from_static(b"garbage")), Lookup::Miss);
+    }
+}

@@ -1,0 +1,71 @@
+//! Liveness, readiness and the seed's `/health` report (SPEC §2 "Health and metrics").
+
+use std::time::{Duration, Instant};
+
+use chrono::{SecondsFormat, Utc};
+use diesel_async::RunQueryDsl;
+use http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::http::response::{self, HttpResponse};
+use crate::state::AppState;
+
+/// A dependency check never takes longer than this, so probes answer promptly.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `GET /health/live`: the process runs. Touches nothing else.
+pub fn live() -> HttpResponse {
+    response::json(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+/// `GET /health/ready`: PostgreSQL answers and shutdown has not begun.
+pub async fn ready(state: &AppState) -> HttpResponse {
+    if state.is_shutting_down() {
+        return response::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "shutting_down"}));
+    }
+    match check_postgres(state).await {
+        Ok(()) => response::json(StatusCode::OK, &json!({"status": "ready"})),
+        Err(error) => response::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "not_ready", "error": error})),
+    }
+}
+
+/// `GET /health`: every dependency, checked concurrently. PostgreSQL down is `unhealthy` (503);
+/// Redis down is `degraded` (200): requests still work, only slower.
+pub async fn report(state: &AppState) -> HttpResponse {
+    let (postgres, redis) = tokio::join!(timed(check_postgres(state)), timed(state.cache.ping()));
+    let redis_state = if state.cache.is_enabled() { redis } else { (json!({"status": "disabled"}), true) };
+    let status = match (postgres.1, redis_state.1) {
+        (false, _) => "unhealthy",
+        (true, false) => "degraded",
+        (true, true) => "healthy",
+    };
+    let code = if status == "unhealthy" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    response::json(
+        code,
+        &json!({
+            "status": status,
+            "timestamp": Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
+            "checks": {"postgres": postgres.0, "redis": redis_state.0},
+        }),
+    )
+}
+
+async fn check_postgres(state: &AppState) -> Result<(), String> {
+    let check = async {
+        let mut conn = state.db.get().await.map_err(|err| err.to_string())?;
+        diesel::sql_query("SELECT 1").execute(&mut conn).await.map_err(|err| err.to_string())?;
+        Ok(())
+    };
+    tokio::time::timeout(CHECK_TIMEOUT, check).await.unwrap_or_else(|_| Err("timed out".into()))
+}
+
+/// Runs a check with a deadline; returns its JSON report and whether it passed.
+async fn timed(check: impl Future<Output = Result<(), String>>) -> (Value, bool) {
+    let started = Instant::now();
+    let result = tokio::time::timeout(CHECK_TIMEOUT, check).await.unwrap_or_else(|_| Err("timed out".into()));
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    match result {
+        Ok(()) => (json!({"status": "up", "latency_ms": latency_ms}), true),
+        Err(error) => (json!({"status": "down", "latency_ms": latency_ms, "error": error}), false),
+    }
+}

@@ -1,0 +1,29 @@
+//! `api [serve]` runs the HTTP API; `api migrate` applies pending migrations and exits.
+
+use std::process::ExitCode;
+
+use anyhow::bail;
+use api::{App, db, shutdown, telemetry};
+use common::config::Config;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The subscriber may not be installed yet (bad config), so this goes to stderr directly.
+            eprintln!("api: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    telemetry::init(&config.log)?;
+    match std::env::args().nth(1).as_deref() {
+        Some("migrate") => db::migrate(&config.database).await,
+        None | Some("serve") => App::build(config).await?.run_until_stopped(shutdown::signal_received()).await,
+        Some(other) => bail!("unknown command {other:?}: expected `serve` (the default) or `migrate`"),
+    }
+}

@@ -1,0 +1,147 @@
+//! The route table: every path template, the methods it accepts and the endpoint each one runs.
+
+use matchit::Router;
+
+/// Every operation the api serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /health/live`
+    HealthLive,
+    /// `GET /health/ready`
+    HealthReady,
+    /// `GET /health`
+    Health,
+    /// `GET /api/v1/users`
+    ListUsers,
+    /// `POST /api/v1/users`
+    CreateUser,
+    /// `GET /api/v1/users/{id}`
+    GetUser,
+    /// `PUT /api/v1/users/{id}`
+    UpdateUser,
+    /// `DELETE /api/v1/users/{id}`
+    DeleteUser,
+}
+
+/// Path template → (method → endpoint).
+const TABLE: &[(&str, &[(&str, Endpoint)])] = &[
+    ("/health/live", &[("GET", Endpoint::HealthLive)]),
+    ("/health/ready", &[("GET", Endpoint::HealthReady)]),
+    ("/health", &[("GET", Endpoint::Health)]),
+    ("/api/v1/users", &[("GET", Endpoint::ListUsers), ("POST", Endpoint::CreateUser)]),
+    (
+        "/api/v1/users/{id}",
+        &[("GET", Endpoint::GetUser), ("PUT", Endpoint::UpdateUser), ("DELETE", Endpoint::DeleteUser)],
+    ),
+];
+
+struct Resource {
+    template: &'static str,
+    methods: &'static [(&'static str, Endpoint)],
+    allow: String,
+}
+
+/// The outcome of looking a request up.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RouteMatch {
+    /// Path and method matched.
+    Found {
+        /// What to run.
+        endpoint: Endpoint,
+        /// The path template, for logs and metrics (never the raw path).
+        template: &'static str,
+        /// The `{id}` segment, if the template has one.
+        id: Option<String>,
+    },
+    /// The path exists but not with this method.
+    MethodNotAllowed {
+        /// The path template.
+        template: &'static str,
+        /// Value of the `Allow` header.
+        allow: String,
+    },
+    /// No template matches the path.
+    NotFound,
+}
+
+/// The compiled route table; built once at start.
+pub struct Routes(Router<Resource>);
+
+impl Routes {
+    /// Compiles [`TABLE`]. A conflicting template is a programming error, caught by the unit test.
+    pub fn new() -> Result<Self, matchit::InsertError> {
+        let mut router = Router::new();
+        for &(template, methods) in TABLE {
+            let allow = methods.iter().map(|(method, _)| *method).collect::<Vec<_>>().join(", ");
+            router.insert(template, Resource { template, methods, allow })?;
+        }
+        Ok(Self(router))
+    }
+
+    /// Finds the endpoint for a method and path. A trailing slash is ignored.
+    pub fn lookup(&self, method: &str, path: &str) -> RouteMatch {
+        let path = match path.strip_suffix('/') {
+            Some(stripped) if !stripped.is_empty() => stripped,
+            _ => path,
+        };
+        let Ok(matched) = self.0.at(path) else {
+            return RouteMatch::NotFound;
+        };
+        let resource = matched.value;
+        match resource.methods.iter().find(|(name, _)| *name == method) {
+            Some(&(_, endpoint)) => RouteMatch::Found {
+                endpoint,
+                template: resource.template,
+                id: matched.params.get("id").map(str::to_owned),
+            },
+            None => RouteMatch::MethodNotAllowed { template: resource.template, allow: resource.allow.clone() },
+        }
+    }
+
+    /// Every path template, for documentation checks.
+    pub fn templates() -> impl Iterator<Item = &'static str> {
+        TABLE.iter().map(|(template, _)| *template)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(routes: &Routes, method: &str, path: &str) -> Option<(Endpoint, Option<String>)> {
+        match routes.lookup(method, path) {
+            RouteMatch::Found { endpoint, id, .. } => Some((endpoint, id)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn table_compiles_and_every_route_resolves() {
+        let routes = Routes::new().unwrap();
+        for &(template, methods) in TABLE {
+            let path = template.replace("{id}", "abc");
+            for &(method, endpoint) in methods {
+                assert_eq!(found(&routes, method, &path).map(|f| f.0), Some(endpoint), "{method} {path}");
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_slash_is_the_same_route() {
+        let routes = Routes::new().unwrap();
+        assert_eq!(found(&routes, "GET", "/api/v1/users/"), Some((Endpoint::ListUsers, None)));
+        assert_eq!(found(&routes, "GET", "/api/v1/users/x/"), Some((Endpoint::GetUser, Some("x".into()))));
+    }
+
+    #[test]
+    fn unknown_paths_and_wrong_methods() {
+        let routes = Routes::new().unwrap();
+        assert_eq!(routes.lookup("GET", "/nope"), RouteMatch::NotFound);
+        assert_eq!(routes.lookup("GET", "/"), RouteMatch::NotFound);
+        assert_eq!(routes.lookup("GET", "/api/v1/users/a/b"), RouteMatch::NotFound);
+        assert_eq!(
+            routes.lookup("PATCH", "/api/v1/users/a"),
+            RouteMatch::MethodNotAllowed { template: "/api/v1/users/{id}", allow: "GET, PUT, DELETE".into() }
+        );
+    }
+}

@@ -1,0 +1,108 @@
+//! One request, start to finish: request id, routing, the request deadline, the handler, the log line.
+
+use std::time::Instant;
+
+use http::{HeaderValue, Request};
+use hyper::body::Incoming;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::health;
+use crate::http::body::read_json;
+use crate::http::error::ApiError;
+use crate::http::query::Pagination;
+use crate::http::response::HttpResponse;
+use crate::routes::{Endpoint, RouteMatch};
+use crate::state::AppState;
+use crate::users::handlers as users;
+
+/// Header carrying the request id, accepted from the client or generated, and always echoed.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Longest client-provided request id kept; a longer or non-printable one is replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Serves one request. Infallible: every failure becomes a JSON error response.
+pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse {
+    let started = Instant::now();
+    let request_id = request_id(&request);
+    let method = request.method().clone();
+    let route = state.routes.lookup(method.as_str(), request.uri().path());
+    let template = match &route {
+        RouteMatch::Found { template, .. } | RouteMatch::MethodNotAllowed { template, .. } => template,
+        RouteMatch::NotFound => "unmatched",
+    };
+    let span = tracing::info_span!("request", request_id = %request_id, http.method = %method, http.route = template);
+    async {
+        let deadline = state.config.server.request_timeout;
+        let result = match tokio::time::timeout(deadline, dispatch(&state, route, request)).await {
+            Ok(result) => result,
+            Err(_) => Err(ApiError::Timeout),
+        };
+        let mut response = result.unwrap_or_else(|err| err.into_response(&request_id));
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        tracing::info!(
+            http.status = response.status().as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request completed"
+        );
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+async fn dispatch(state: &AppState, route: RouteMatch, request: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    let (endpoint, id) = match route {
+        RouteMatch::Found { endpoint, id, .. } => (endpoint, id),
+        RouteMatch::MethodNotAllowed { allow, .. } => return Err(ApiError::MethodNotAllowed(allow)),
+        RouteMatch::NotFound => return Err(ApiError::RouteNotFound),
+    };
+    let (parts, body) = request.into_parts();
+    match endpoint {
+        Endpoint::HealthLive => Ok(health::live()),
+        Endpoint::HealthReady => Ok(health::ready(state).await),
+        Endpoint::Health => Ok(health::report(state).await),
+        Endpoint::ListUsers => users::list(state, Pagination::from_query(parts.uri.query())?).await,
+        Endpoint::CreateUser => users::create(state, read_json(&parts.headers, body).await?).await,
+        Endpoint::GetUser => users::get(state, parse_id(id)?).await,
+        Endpoint::UpdateUser => {
+            let id = parse_id(id)?;
+            users::update(state, id, read_json(&parts.headers, body).await?).await
+        }
+        Endpoint::DeleteUser => users::delete(state, parse_id(id)?).await,
+    }
+}
+
+fn parse_id(raw: Option<String>) -> Result<Uuid, ApiError> {
+    raw.as_deref()
+        .and_then(|raw| Uuid::try_parse(raw).ok())
+        .ok_or_else(|| ApiError::bad_request("invalid_id", "id must be a UUID"))
+}
+
+/// The client's `X-Request-Id` when it is short and printable, else a new UUID.
+fn request_id<B>(request: &Request<B>) -> String {
+    request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| Uuid::new_v4().to_string(), str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_replaced_otherwise() {
+        let with = |value: &str| Request::builder().header(REQUEST_ID_HEADER, value).body(()).unwrap();
+        assert_eq!(request_id(&with("abc-123")), "abc-123");
+        assert_ne!(request_id(&with("has space")), "has space");
+        assert_ne!(request_id(&with(&"x".repeat(129))), "x".repeat(129));
+        let generated = request_id(&Request::builder().body(()).unwrap());
+        assert!(Uuid::try_parse(&generated).is_ok());
+    }
+}

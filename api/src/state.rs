@@ -1,0 +1,53 @@
+//! The state every handler gets: pools, cache, routes and configuration, behind one `Arc`.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::config::Config;
+
+use crate::cache::UserCache;
+use crate::db::DbPool;
+use crate::routes::Routes;
+
+/// Cheap to clone; passed explicitly to every handler.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+/// What [`AppState`] holds.
+pub struct Inner {
+    /// PostgreSQL pool.
+    pub db: DbPool,
+    /// Redis user cache.
+    pub cache: UserCache,
+    /// Compiled route table.
+    pub routes: Routes,
+    /// Configuration read at start.
+    pub config: Config,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    /// Bundles the parts.
+    pub fn new(db: DbPool, cache: UserCache, routes: Routes, config: Config) -> Self {
+        Self(Arc::new(Inner { db, cache, routes, config, shutting_down: AtomicBool::new(false) }))
+    }
+
+    /// From now on readiness reports 503.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether shutdown has started.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}

@@ -1,0 +1,93 @@
+//! Handlers of `/api/v1/users`: typed inputs in, a response or an [`ApiError`] out.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use common::db::models::UserRow;
+use common::wire::{CreateUserRequest, UpdateUserRequest, User, UserPage};
+use diesel::result::Error as DieselError;
+use http::{HeaderValue, StatusCode, header};
+use uuid::Uuid;
+
+use super::{repo, validate};
+use crate::cache::Lookup;
+use crate::db::is_unique_violation;
+use crate::http::error::ApiError;
+use crate::http::query::Pagination;
+use crate::http::response::{self, HttpResponse};
+use crate::state::AppState;
+
+/// `POST /api/v1/users`
+pub async fn create(state: &AppState, request: CreateUserRequest) -> Result<HttpResponse, ApiError> {
+    let user = validate::new_user(request)?;
+    let mut conn = state.db.get().await?;
+    let row = repo::insert(&mut conn, &user).await.map_err(email_conflict)?;
+    let location = format!("/api/v1/users/{}", row.id);
+    let mut response = response::json_bytes(StatusCode::CREATED, serialize(row).1);
+    if let Ok(location) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// `GET /api/v1/users/{id}`: from the cache when it has the user, else from PostgreSQL.
+pub async fn get(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
+    match state.cache.get(id).await {
+        Lookup::Hit(body) => return Ok(response::json_bytes(StatusCode::OK, body)),
+        Lookup::Deleted => return Err(ApiError::NotFound("user")),
+        Lookup::Miss => {}
+    }
+    let read_started = Instant::now();
+    let mut conn = state.db.get().await?;
+    let row = repo::find(&mut conn, id).await?.ok_or(ApiError::NotFound("user"))?;
+    drop(conn);
+    let (version, body) = serialize(row);
+    state.cache.fill(id, version, body.clone(), read_started);
+    Ok(response::json_bytes(StatusCode::OK, body))
+}
+
+/// `PUT /api/v1/users/{id}`: partial update; the response is the row as now stored.
+pub async fn update(state: &AppState, id: Uuid, request: UpdateUserRequest) -> Result<HttpResponse, ApiError> {
+    let changes = validate::changes(request)?;
+    let mut conn = state.db.get().await?;
+    let row = repo::update(&mut conn, id, &changes).await.map_err(email_conflict)?;
+    drop(conn);
+    let row = row.ok_or(ApiError::NotFound("user"))?;
+    let (version, body) = serialize(row);
+    // Before answering, so that no GET after this response can be served the previous state.
+    state.cache.store(id, version, body.clone()).await;
+    Ok(response::json_bytes(StatusCode::OK, body))
+}
+
+/// `DELETE /api/v1/users/{id}`
+pub async fn delete(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
+    let mut conn = state.db.get().await?;
+    let version = repo::delete(&mut conn, id).await?.ok_or(ApiError::NotFound("user"))?;
+    drop(conn);
+    state.cache.store_deleted(id, version).await;
+    Ok(response::no_content())
+}
+
+/// `GET /api/v1/users?page=&limit=`
+pub async fn list(state: &AppState, page: Pagination) -> Result<HttpResponse, ApiError> {
+    let mut conn = state.db.get().await?;
+    let (rows, total) = repo::list(&mut conn, page).await?;
+    let body =
+        UserPage { users: rows.into_iter().map(User::from).collect(), total, page: page.page, limit: page.limit };
+    Ok(response::json(StatusCode::OK, &body))
+}
+
+/// The row's version and its response body.
+fn serialize(row: UserRow) -> (i64, Bytes) {
+    let version = row.version;
+    let body = serde_json::to_vec(&User::from(row)).expect("wire types always serialize");
+    (version, Bytes::from(body))
+}
+
+fn email_conflict(err: DieselError) -> ApiError {
+    if is_unique_violation(&err, repo::EMAIL_UNIQUE_INDEX) {
+        ApiError::Conflict { code: "email_taken", message: "a user with this email already exists".into() }
+    } else {
+        err.into()
+    }
+}

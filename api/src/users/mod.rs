@@ -1,0 +1,5 @@
+//! The users resource: validation, queries and handlers.
+
+pub mod handlers;
+mod repo;
+mod validate;

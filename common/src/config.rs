@@ -1,0 +1,352 @@
+//! Configuration, read once at start from the environment (and `.env`, if present).
+//!
+//! Variables (defaults in brackets; durations are whole seconds unless the name ends in `_MS`):
+//! - `SERVER_HOST` [0.0.0.0], `SERVER_PORT` [8080]: the api's listen address (port 0 = any free port).
+//! - `HTTP_HEADER_READ_TIMEOUT` [5]: a client must send its request headers within this.
+//! - `REQUEST_TIMEOUT` [10]: a request (body included) must be answered within this, else 503.
+//! - `SHUTDOWN_TIMEOUT` [20]: how long in-flight work may drain after SIGTERM/SIGINT.
+//! - `DB_HOST` [localhost], `DB_PORT` [5432], `DB_USER` [postgres], `DB_PASSWORD` [postgres],
+//!   `DB_NAME` [highload_db], `DB_SSLMODE` [disable]: PostgreSQL.
+//! - `DB_POOL_MAX_SIZE` [16], `DB_POOL_MIN_IDLE` [2]: connection pool bounds.
+//! - `DB_POOL_TIMEOUT_MS` [2000]: longest wait for a pooled connection before answering 503.
+//! - `DB_CONNECT_TIMEOUT` [5]: TCP connect + startup of one new connection.
+//! - `DB_STATEMENT_TIMEOUT_MS` [5000]: PostgreSQL cancels any statement running longer.
+//! - `REDIS_HOST` [localhost], `REDIS_PORT` [6379], `REDIS_PASSWORD` [none], `REDIS_DB` [0]: the cache.
+//! - `REDIS_POOL_MAX_SIZE` [8]; `REDIS_TIMEOUT_MS` [100]: longest wait for one cache operation
+//!   before the request falls back to PostgreSQL; `REDIS_KEY_PREFIX` [hlms:].
+//! - `CACHE_TTL` [300]: lifetime of a cached user; 0 turns the cache off.
+//! - `LOG_LEVEL` [info] (an `EnvFilter` directive, e.g. `info,api=debug`), `LOG_FORMAT` [json|text].
+//! - `RUN_MIGRATIONS` [true]: `api` applies pending migrations at start, under an advisory lock.
+
+use std::fmt::Display;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A variable that is set but cannot be used. The message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for {var}: {reason}")]
+pub struct ConfigError {
+    /// The variable's name.
+    pub var: &'static str,
+    /// Why its value was refused.
+    pub reason: String,
+}
+
+/// Everything both binaries are configured with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP server.
+    pub server: ServerConfig,
+    /// PostgreSQL.
+    pub database: DatabaseConfig,
+    /// Redis and the user cache.
+    pub redis: RedisConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Apply pending migrations at start.
+    pub run_migrations: bool,
+}
+
+/// HTTP server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Deadline for a client to send its request headers.
+    pub header_read_timeout: Duration,
+    /// Deadline for a whole request.
+    pub request_timeout: Duration,
+    /// Deadline for draining in-flight work at shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+/// PostgreSQL settings.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Role.
+    pub user: String,
+    /// Password; never logged (see the `Debug` of [`Secret`]).
+    pub password: Secret,
+    /// Database name.
+    pub name: String,
+    /// Largest number of pooled connections.
+    pub pool_max_size: NonZeroU32,
+    /// Connections kept open while idle.
+    pub pool_min_idle: u32,
+    /// Longest wait for a pooled connection.
+    pub pool_timeout: Duration,
+    /// Deadline to open one connection.
+    pub connect_timeout: Duration,
+    /// Server-side limit for one statement.
+    pub statement_timeout: Duration,
+}
+
+/// Redis settings.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Password, if the server wants one.
+    pub password: Option<Secret>,
+    /// Logical database number.
+    pub db: u32,
+    /// Largest number of pooled connections.
+    pub pool_max_size: NonZeroU32,
+    /// Deadline for one cache operation.
+    pub timeout: Duration,
+    /// Prefix of every key this service writes.
+    pub key_prefix: String,
+    /// Lifetime of a cached user; `None` turns the cache off.
+    pub cache_ttl: Option<Duration>,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// `EnvFilter` directives.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line (production).
+    Json,
+    /// Human-readable lines (development).
+    Text,
+}
+
+/// A string that must not reach logs: its `Debug` prints a placeholder.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Config {
+    /// Reads `.env` (if present, without overriding the real environment), then the environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        // A missing .env is the normal case in containers; a malformed one should not be ignored.
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(err) if err.not_found() => {}
+            Err(err) => {
+                return Err(ConfigError { var: ".env", reason: err.to_string() });
+            }
+        }
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Builds the configuration from any variable source (the environment, or a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&lookup);
+        let host: IpAddr = env.parse("SERVER_HOST", "0.0.0.0".parse().expect("valid literal"))?;
+        let port: u16 = env.parse("SERVER_PORT", 8080)?;
+        Ok(Self {
+            server: ServerConfig {
+                addr: SocketAddr::new(host, port),
+                header_read_timeout: env.seconds("HTTP_HEADER_READ_TIMEOUT", 5)?,
+                request_timeout: env.seconds("REQUEST_TIMEOUT", 10)?,
+                shutdown_timeout: env.seconds("SHUTDOWN_TIMEOUT", 20)?,
+            },
+            database: DatabaseConfig {
+                host: env.string("DB_HOST", "localhost"),
+                port: env.port("DB_PORT", 5432)?,
+                user: env.string("DB_USER", "postgres"),
+                password: Secret(env.string("DB_PASSWORD", "postgres")),
+                name: env.string("DB_NAME", "highload_db"),
+                pool_max_size: env.parse("DB_POOL_MAX_SIZE", NonZeroU32::new(16).expect("non-zero"))?,
+                pool_min_idle: env.parse("DB_POOL_MIN_IDLE", 2)?,
+                pool_timeout: env.millis("DB_POOL_TIMEOUT_MS", 2000)?,
+                connect_timeout: env.seconds("DB_CONNECT_TIMEOUT", 5)?,
+                statement_timeout: env.millis("DB_STATEMENT_TIMEOUT_MS", 5000)?,
+            }
+            .checked(&env)?,
+            redis: RedisConfig {
+                host: env.string("REDIS_HOST", "localhost"),
+                port: env.port("REDIS_PORT", 6379)?,
+                password: env.optional("REDIS_PASSWORD").map(Secret),
+                db: env.parse("REDIS_DB", 0)?,
+                pool_max_size: env.parse("REDIS_POOL_MAX_SIZE", NonZeroU32::new(8).expect("non-zero"))?,
+                timeout: env.millis("REDIS_TIMEOUT_MS", 100)?,
+                key_prefix: env.string("REDIS_KEY_PREFIX", "hlms:"),
+                cache_ttl: Some(env.seconds("CACHE_TTL", 300)?).filter(|ttl| !ttl.is_zero()),
+            },
+            log: LogConfig {
+                level: env.string("LOG_LEVEL", "info"),
+                format: match env.optional("LOG_FORMAT").as_deref() {
+                    None | Some("json") => LogFormat::Json,
+                    Some("text") => LogFormat::Text,
+                    Some(other) => return Err(env.invalid("LOG_FORMAT", format!("{other:?} is not json or text"))),
+                },
+            },
+            run_migrations: env.bool("RUN_MIGRATIONS", true)?,
+        })
+    }
+}
+
+impl DatabaseConfig {
+    /// Rejects combinations that each variable alone cannot: TLS modes this build cannot honour.
+    fn checked(self, env: &Env<'_>) -> Result<Self, ConfigError> {
+        match env.optional("DB_SSLMODE").as_deref() {
+            // `prefer` falls back to plain TCP when TLS is unavailable, exactly as libpq does.
+            None | Some("disable") | Some("prefer") | Some("allow") => Ok(self),
+            Some(other) => Err(env
+                .invalid("DB_SSLMODE", format!("{other:?} needs TLS, which this build does not include; use disable"))),
+        }
+    }
+
+    /// A libpq key/value connection string, values quoted so that any password works.
+    pub fn connection_string(&self, application_name: &str) -> String {
+        format!(
+            "host={} port={} user={} password={} dbname={} application_name={} connect_timeout={} \
+             keepalives=1 options={}",
+            quote(&self.host),
+            self.port,
+            quote(&self.user),
+            quote(self.password.expose()),
+            quote(&self.name),
+            quote(application_name),
+            self.connect_timeout.as_secs().max(1),
+            quote(&format!("-c statement_timeout={}", self.statement_timeout.as_millis())),
+        )
+    }
+}
+
+/// Quotes one value of a libpq key/value connection string.
+fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// Typed access to the variables, every error naming its variable. Empty values count as unset,
+/// as `.env` files and manifests often carry `NAME=` for "no value".
+struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Env<'_> {
+    fn optional(&self, name: &str) -> Option<String> {
+        (self.0)(name).filter(|value| !value.trim().is_empty())
+    }
+
+    fn string(&self, name: &str, default: &str) -> String {
+        self.optional(name).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn invalid(&self, var: &'static str, reason: String) -> ConfigError {
+        ConfigError { var, reason }
+    }
+
+    fn parse<T>(&self, var: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        match self.optional(var) {
+            None => Ok(default),
+            Some(raw) => raw.trim().parse().map_err(|err| self.invalid(var, format!("{raw:?}: {err}"))),
+        }
+    }
+
+    fn port(&self, var: &'static str, default: u16) -> Result<u16, ConfigError> {
+        match self.parse(var, default)? {
+            0 => Err(self.invalid(var, "port 0 is not a port to connect to".into())),
+            port => Ok(port),
+        }
+    }
+
+    fn seconds(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
+        self.parse(var, default).map(Duration::from_secs)
+    }
+
+    fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
+        self.parse(var, default).map(Duration::from_millis)
+    }
+
+    fn bool(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.optional(var).map(|raw| raw.trim().to_ascii_lowercase()).as_deref() {
+            None => Ok(default),
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some("false" | "0" | "no" | "off") => Ok(false),
+            Some(other) => Err(self.invalid(var, format!("{other:?} is not true or false"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_seed() {
+        let config = config(&[]).unwrap();
+        assert_eq!(config.server.addr, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(config.database.name, "highload_db");
+        assert_eq!(config.database.port, 5432);
+        assert_eq!(config.redis.port, 6379);
+        assert_eq!(config.redis.cache_ttl, Some(Duration::from_secs(300)));
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert!(config.run_migrations);
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        for (var, value) in [
+            ("SERVER_PORT", "http"),
+            ("SERVER_PORT", "70000"),
+            ("SERVER_HOST", "not an ip"),
+            ("DB_PORT", "0"),
+            ("DB_POOL_MAX_SIZE", "0"),
+            ("REDIS_TIMEOUT_MS", "-1"),
+            ("CACHE_TTL", "5m"),
+            ("LOG_FORMAT", "xml"),
+            ("RUN_MIGRATIONS", "maybe"),
+            ("DB_SSLMODE", "require"),
+        ] {
+            let err = config(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var);
+            assert!(err.to_string().starts_with(&format!("invalid value for {var}:")), "{err}");
+        }
+    }
+
+    #[test]
+    fn empty_values_count_as_unset_and_zero_ttl_disables_the_cache() {
+        let config = config(&[("REDIS_PASSWORD", ""), ("DB_PORT", ""), ("CACHE_TTL", "0")]).unwrap();
+        assert!(config.redis.password.is_none());
+        assert_eq!(config.database.port, 5432);
+        assert_eq!(config.redis.cache_ttl, None);
+    }
+
+    #[test]
+    fn connection_string_quotes_values_and_hides_nothing_it_needs() {
+        let config = config(&[("DB_PASSWORD", r"it's\secret")]).unwrap();
+        let conninfo = config.database.connection_string("test");
+        assert!(conninfo.contains(r"password='it\'s\\secret'"), "{conninfo}");
+        assert!(conninfo.contains("options='-c statement_timeout=5000'"), "{conninfo}");
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+}
