@@ -21,7 +21,7 @@ pub type DbConn<'a> = bb8::PooledConnection<'a, AsyncDieselConnectionManager<Asy
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
 
 /// Serialises migration runs across replicas starting at once (an arbitrary, fixed key).
-const MIGRATION_LOCK_KEY: i64 = 0x686c_6d73_6d69_67;
+const MIGRATION_LOCK_KEY: i64 = 0x0068_6c6d_736d_6967;
 
 /// Name the api's sessions carry in `pg_stat_activity`.
 const APPLICATION_NAME: &str = "highload-api";

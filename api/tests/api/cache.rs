@@ -1,0 +1,130 @@
+//! The Redis cache: never stale after a write returns (SPEC §3), never fatal when Redis misbehaves.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use api::cache::{Lookup, UserCache};
+use bytes::Bytes;
+use serde_json::json;
+use tokio::net::TcpListener;
+use uuid::Uuid;
+
+use crate::helpers::{closed_port, spawn_app, spawn_app_with, spawn_replica, unique_email};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_version_never_replaces_a_newer_entry_or_tombstone() {
+    let app = spawn_app().await;
+    let cache = UserCache::new(&app.config.redis).unwrap();
+    let id = Uuid::new_v4();
+    cache.store(id, 2, Bytes::from_static(b"{\"v\":2}")).await;
+    cache.store(id, 1, Bytes::from_static(b"{\"v\":1}")).await;
+    assert_eq!(cache.get(id).await, Lookup::Hit(Bytes::from_static(b"{\"v\":2}")));
+
+    cache.store_deleted(id, 2).await;
+    cache.store(id, 2, Bytes::from_static(b"{\"v\":2}")).await;
+    assert_eq!(cache.get(id).await, Lookup::Deleted);
+
+    // A fill (the GET-miss path) is held to the same rule.
+    cache.fill(id, 1, Bytes::from_static(b"{\"v\":1}"), Instant::now());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(cache.get(id).await, Lookup::Deleted);
+}
+
+/// GETs hammer two replicas (missing, reading PostgreSQL, filling the cache) while a third client
+/// updates and deletes through one of them: once a write has returned, no replica serves the old state.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_stale_read_after_put_or_delete_under_racing_gets() {
+    let a = spawn_app().await;
+    let b = spawn_replica(&a).await;
+    let replicas = Arc::new([a, b]);
+    for round in 0..30 {
+        let user = replicas[0].create_user(&unique_email(&format!("race{round}"))).await;
+        let path = format!("/api/v1/users/{}", user["id"].as_str().unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut hammers = Vec::new();
+        for worker in 0..4 {
+            let (replicas, path, stop) = (Arc::clone(&replicas), path.clone(), Arc::clone(&stop));
+            hammers.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    replicas[worker % 2].get(&path).await;
+                }
+            }));
+        }
+        for version in 0..5 {
+            let name = format!("R{round}V{version}");
+            let (status, _) = replicas[round % 2].put(&path, json!({"first_name": name})).await;
+            assert_eq!(status, 200);
+            for replica in replicas.iter() {
+                let (status, seen) = replica.get(&path).await;
+                assert_eq!((status, seen["first_name"].as_str()), (200, Some(name.as_str())), "stale read after PUT");
+            }
+        }
+        assert_eq!(replicas[round % 2].delete(&path).await, 204);
+        for replica in replicas.iter() {
+            assert_eq!(replica.get(&path).await.0, 404, "stale read after DELETE");
+        }
+        stop.store(true, Ordering::Relaxed);
+        for hammer in hammers {
+            hammer.await.unwrap();
+        }
+        for replica in replicas.iter() {
+            assert_eq!(replica.get(&path).await.0, 404, "a racing GET resurrected a deleted user");
+        }
+    }
+}
+
+async fn exercise_every_endpoint(app: &crate::helpers::TestApp) {
+    let started = Instant::now();
+    let user = app.create_user(&unique_email("redis-down")).await;
+    let path = format!("/api/v1/users/{}", user["id"].as_str().unwrap());
+    for _ in 0..3 {
+        assert_eq!(app.get(&path).await, (200, user.clone()));
+    }
+    let (status, updated) = app.put(&path, json!({"last_name": "Changed"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(app.get(&path).await, (200, updated));
+    assert_eq!(app.get("/api/v1/users").await.0, 200);
+    assert_eq!(app.delete(&path).await, 204);
+    assert_eq!(app.get(&path).await.0, 404);
+    let (status, health) = app.get("/health").await;
+    assert_eq!((status, health["status"].as_str()), (200, Some("degraded")), "{health}");
+    assert_eq!(health["checks"]["redis"]["status"], "down");
+    assert_eq!(app.get("/health/ready").await.0, 200);
+    assert!(started.elapsed() < Duration::from_secs(5), "Redis trouble slowed requests: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_down_never_fails_a_request() {
+    let port = closed_port().to_string();
+    let app = spawn_app_with(&[("REDIS_PORT", &port)]).await;
+    exercise_every_endpoint(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hung_redis_never_stalls_a_request() {
+    // Accepts connections and never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let app = spawn_app_with(&[("REDIS_PORT", &port), ("REDIS_TIMEOUT_MS", "100")]).await;
+    exercise_every_endpoint(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_can_be_turned_off() {
+    let app = spawn_app_with(&[("CACHE_TTL", "0")]).await;
+    let user = app.create_user(&unique_email("nocache")).await;
+    let path = format!("/api/v1/users/{}", user["id"].as_str().unwrap());
+    assert_eq!(app.get(&path).await, (200, user));
+    let (_, health) = app.get("/health").await;
+    assert_eq!(
+        (health["status"].as_str(), health["checks"]["redis"]["status"].as_str()),
+        (Some("healthy"), Some("disabled"))
+    );
+}

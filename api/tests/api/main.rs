@@ -1,0 +1,11 @@
+//! Integration tests: the real api against real PostgreSQL and Redis (one fresh database and one
+//! Redis key prefix per test).
+
+#![expect(clippy::unwrap_used, reason = "test helpers: a panic is how a test reports failure")]
+
+mod cache;
+mod helpers;
+mod http;
+mod migrations;
+mod shutdown;
+mod users;
