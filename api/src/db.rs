@@ -1,21 +1,18 @@
 //! PostgreSQL: the connection pool, migrations, and how database failures map to API errors.
 
-use std::time::Duration;
-
 use anyhow::Context;
 use common::config::DatabaseConfig;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, PoolError};
-use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
+use diesel_async::pooled_connection::PoolError;
+use diesel_async::{
+    AnsiTransactionManager, AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, TransactionManager,
+};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures_util::future::BoxFuture;
 
 use crate::http::error::ApiError;
 
-/// The application's pool of PostgreSQL connections.
-pub type DbPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
-
-/// A connection checked out of [`DbPool`].
-pub type DbConn<'a> = bb8::PooledConnection<'a, AsyncDieselConnectionManager<AsyncPgConnection>>;
+pub use common::pool::{DbConn, DbPool};
 
 /// The migrations in `migrations/`, compiled into the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
@@ -26,18 +23,9 @@ const MIGRATION_LOCK_KEY: i64 = 0x0068_6c6d_736d_6967;
 /// Name the api's sessions carry in `pg_stat_activity`.
 const APPLICATION_NAME: &str = "highload-api";
 
-/// Builds the pool without connecting: the api starts (and reports not-ready) while PostgreSQL is down.
+/// Builds the api's pool (see [`common::pool::build`]).
 pub fn pool(config: &DatabaseConfig) -> DbPool {
-    let manager = AsyncDieselConnectionManager::new(config.connection_string(APPLICATION_NAME));
-    bb8::Pool::builder()
-        .max_size(config.pool_max_size.get())
-        .min_idle(Some(config.pool_min_idle))
-        .connection_timeout(config.pool_timeout)
-        // A checkout test costs a round trip per request; broken connections are detected when
-        // they are returned instead (diesel-async reports them via `has_broken`).
-        .test_on_check_out(false)
-        .idle_timeout(Some(Duration::from_secs(300)))
-        .build_unchecked(manager)
+    common::pool::build(config, APPLICATION_NAME)
 }
 
 /// Applies pending migrations, holding a PostgreSQL advisory lock so that concurrent starts take turns.
@@ -65,6 +53,35 @@ pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<()> {
         .context("failed to release the migration lock")?;
     tracing::info!(migrations.applied = ?applied, "database schema is up to date");
     Ok(())
+}
+
+/// Runs `work` in one transaction on a task of its own: a request that times out stops waiting, but
+/// cannot cancel the transaction half-way; it commits or rolls back as a whole.
+/// Any error from `work` rolls the transaction back.
+pub async fn transaction<T, F>(pool: &DbPool, work: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T, ApiError>> + Send + 'static,
+{
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let mut pooled = pool.get_owned().await?;
+        let conn: &mut AsyncPgConnection = &mut pooled;
+        AnsiTransactionManager::begin_transaction(conn).await?;
+        match work(conn).await {
+            Ok(value) => {
+                AnsiTransactionManager::commit_transaction(conn).await?;
+                Ok(value)
+            }
+            Err(err) => {
+                // A failed rollback leaves the connection marked broken; the pool then discards it.
+                let _ = AnsiTransactionManager::rollback_transaction(conn).await;
+                Err(err)
+            }
+        }
+    })
+    .await
+    .map_err(|err| ApiError::Internal(anyhow::Error::new(err).context("transaction task failed")))?
 }
 
 impl From<bb8::RunError<PoolError>> for ApiError {

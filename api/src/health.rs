@@ -30,11 +30,13 @@ pub async fn ready(state: &AppState) -> HttpResponse {
 }
 
 /// `GET /health`: every dependency, checked concurrently. PostgreSQL down is `unhealthy` (503);
-/// Redis down is `degraded` (200): requests still work, only slower.
+/// Redis or Kafka down is `degraded` (200): requests still work (the cache falls back to PostgreSQL,
+/// the outbox holds events).
 pub async fn report(state: &AppState) -> HttpResponse {
-    let (postgres, redis) = tokio::join!(timed(check_postgres(state)), timed(state.cache.ping()));
-    let redis_state = if state.cache.is_enabled() { redis } else { (json!({"status": "disabled"}), true) };
-    let status = match (postgres.1, redis_state.1) {
+    let (postgres, redis, kafka) =
+        tokio::join!(timed(check_postgres(state)), timed(state.cache.ping()), timed(check_kafka(state)));
+    let redis = if state.cache.is_enabled() { redis } else { (json!({"status": "disabled"}), true) };
+    let status = match (postgres.1, redis.1 && kafka.1) {
         (false, _) => "unhealthy",
         (true, false) => "degraded",
         (true, true) => "healthy",
@@ -45,7 +47,7 @@ pub async fn report(state: &AppState) -> HttpResponse {
         &json!({
             "status": status,
             "timestamp": Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
-            "checks": {"postgres": postgres.0, "redis": redis_state.0},
+            "checks": {"postgres": postgres.0, "redis": redis.0, "kafka": kafka.0},
         }),
     )
 }
@@ -57,6 +59,22 @@ async fn check_postgres(state: &AppState) -> Result<(), String> {
         Ok(())
     };
     tokio::time::timeout(CHECK_TIMEOUT, check).await.unwrap_or_else(|_| Err("timed out".into()))
+}
+
+/// Asks a broker for the events topic's metadata (librdkafka's call blocks, so it runs off the runtime).
+async fn check_kafka(state: &AppState) -> Result<(), String> {
+    let producer = state.producer.clone();
+    let topic = state.config.kafka.topic.clone();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::Producer;
+        producer
+            .client()
+            .fetch_metadata(Some(&topic), CHECK_TIMEOUT.mul_f32(0.9))
+            .map(drop)
+            .map_err(|err| err.to_string())
+    })
+    .await
+    .map_err(|err| err.to_string())?
 }
 
 /// Runs a check with a deadline; returns its JSON report and whether it passed.

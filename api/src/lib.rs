@@ -3,20 +3,21 @@
 //! - [`App`]: builds state from [`Config`], binds the listener, serves until told to stop.
 //! - [`server`]: accept loop and graceful drain; [`service`]: one request end to end;
 //!   [`routes`]: the route table.
-//! - [`users`]: the users resource; [`health`]: probes.
+//! - [`users`]: the users resource; [`events`]: events and per-user stats; [`health`]: probes.
+//! - [`outbox`]: the transactional outbox and the relay that publishes it to Kafka.
 //! - [`db`]: pool, migrations, database error mapping; [`cache`]: the Redis user cache.
 //! - [`http`]: body/query parsing, responses and the one error type.
 
 pub mod cache;
 pub mod db;
+pub mod events;
 pub mod health;
 pub mod http;
+pub mod outbox;
 pub mod routes;
 pub mod server;
 pub mod service;
-pub mod shutdown;
 pub mod state;
-pub mod telemetry;
 pub mod users;
 
 use std::net::SocketAddr;
@@ -25,7 +26,11 @@ use anyhow::Context;
 use common::config::Config;
 use tokio::net::TcpListener;
 
+use rdkafka::producer::FutureProducer;
+use tokio::sync::watch;
+
 use crate::cache::UserCache;
+use crate::outbox::relay::{OutboxSignal, Relay};
 use crate::routes::Routes;
 use crate::state::AppState;
 
@@ -44,10 +49,20 @@ impl App {
         let routes = Routes::new().context("invalid route table")?;
         let cache = UserCache::new(&config.redis).context("invalid Redis configuration")?;
         let db = db::pool(&config.database);
+        let producer: FutureProducer =
+            common::kafka::producer_config(&config.kafka).create().context("invalid Kafka producer configuration")?;
+        // Topics are created by whichever binary starts first; Kafka being down must not stop the api.
+        let kafka = config.kafka.clone();
+        tokio::spawn(async move {
+            if let Err(err) = common::kafka::ensure_topics(&kafka).await {
+                tracing::warn!(error = %err, "could not ensure Kafka topics; the worker creates them too");
+            }
+        });
         let listener = TcpListener::bind(config.server.addr)
             .await
             .with_context(|| format!("failed to listen on {}", config.server.addr))?;
-        Ok(Self { listener, state: AppState::new(db, cache, routes, config) })
+        let state = AppState::new(db, cache, routes, config, producer, OutboxSignal::default());
+        Ok(Self { listener, state })
     }
 
     /// The bound address (useful with port 0).
@@ -58,7 +73,17 @@ impl App {
     /// Serves until `shutdown` resolves, then drains (SPEC §6 "Graceful shutdown").
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tracing::info!(address = %self.local_addr()?, "api listening");
+        let (stop_relay, relay_stopped) = watch::channel(false);
+        let relay = Relay {
+            producer: self.state.producer.clone(),
+            config: self.state.config.clone(),
+            signal: self.state.outbox_signal.clone(),
+        };
+        let relay = tokio::spawn(relay.run(relay_stopped));
         server::serve(self.listener, self.state, shutdown).await;
+        // Requests are drained: whatever they wrote to the outbox gets one last chance to be published.
+        let _ = stop_relay.send(true);
+        relay.await.context("outbox relay panicked")?;
         tracing::info!("api stopped");
         Ok(())
     }

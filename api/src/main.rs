@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 
 use anyhow::bail;
-use api::{App, db, shutdown, telemetry};
+use api::{App, db};
 use common::config::Config;
+use common::{shutdown, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -21,6 +21,14 @@ pub enum Endpoint {
     UpdateUser,
     /// `DELETE /api/v1/users/{id}`
     DeleteUser,
+    /// `GET /api/v1/users/{id}/stats`
+    UserStats,
+    /// `GET /api/v1/events`
+    ListEvents,
+    /// `POST /api/v1/events`
+    CreateEvent,
+    /// `GET /api/v1/events/{id}`
+    GetEvent,
 }
 
 /// Path template → (method → endpoint).
@@ -33,6 +41,9 @@ const TABLE: &[(&str, &[(&str, Endpoint)])] = &[
         "/api/v1/users/{id}",
         &[("GET", Endpoint::GetUser), ("PUT", Endpoint::UpdateUser), ("DELETE", Endpoint::DeleteUser)],
     ),
+    ("/api/v1/users/{id}/stats", &[("GET", Endpoint::UserStats)]),
+    ("/api/v1/events", &[("GET", Endpoint::ListEvents), ("POST", Endpoint::CreateEvent)]),
+    ("/api/v1/events/{id}", &[("GET", Endpoint::GetEvent)]),
 ];
 
 struct Resource {

@@ -7,6 +7,7 @@ use hyper::body::Incoming;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::events::handlers as events;
 use crate::health;
 use crate::http::body::read_json;
 use crate::http::error::ApiError;
@@ -35,7 +36,7 @@ pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse
     let span = tracing::info_span!("request", request_id = %request_id, http.method = %method, http.route = template);
     async {
         let deadline = state.config.server.request_timeout;
-        let result = match tokio::time::timeout(deadline, dispatch(&state, route, request)).await {
+        let result = match tokio::time::timeout(deadline, dispatch(&state, &request_id, route, request)).await {
             Ok(result) => result,
             Err(_) => Err(ApiError::Timeout),
         };
@@ -54,7 +55,12 @@ pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse
     .await
 }
 
-async fn dispatch(state: &AppState, route: RouteMatch, request: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+async fn dispatch(
+    state: &AppState,
+    request_id: &str,
+    route: RouteMatch,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
     let (endpoint, id) = match route {
         RouteMatch::Found { endpoint, id, .. } => (endpoint, id),
         RouteMatch::MethodNotAllowed { allow, .. } => return Err(ApiError::MethodNotAllowed(allow)),
@@ -66,13 +72,17 @@ async fn dispatch(state: &AppState, route: RouteMatch, request: Request<Incoming
         Endpoint::HealthReady => Ok(health::ready(state).await),
         Endpoint::Health => Ok(health::report(state).await),
         Endpoint::ListUsers => users::list(state, Pagination::from_query(parts.uri.query())?).await,
-        Endpoint::CreateUser => users::create(state, read_json(&parts.headers, body).await?).await,
+        Endpoint::CreateUser => users::create(state, request_id, read_json(&parts.headers, body).await?).await,
         Endpoint::GetUser => users::get(state, parse_id(id)?).await,
         Endpoint::UpdateUser => {
             let id = parse_id(id)?;
-            users::update(state, id, read_json(&parts.headers, body).await?).await
+            users::update(state, request_id, id, read_json(&parts.headers, body).await?).await
         }
-        Endpoint::DeleteUser => users::delete(state, parse_id(id)?).await,
+        Endpoint::DeleteUser => users::delete(state, request_id, parse_id(id)?).await,
+        Endpoint::UserStats => events::stats(state, parse_id(id)?).await,
+        Endpoint::ListEvents => events::list(state, parts.uri.query()).await,
+        Endpoint::CreateEvent => events::create(state, request_id, read_json(&parts.headers, body).await?).await,
+        Endpoint::GetEvent => events::get(state, parse_id(id)?).await,
     }
 }
 

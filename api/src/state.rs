@@ -8,6 +8,7 @@ use common::config::Config;
 
 use crate::cache::UserCache;
 use crate::db::DbPool;
+use crate::outbox::relay::OutboxSignal;
 use crate::routes::Routes;
 
 /// Cheap to clone; passed explicitly to every handler.
@@ -24,13 +25,32 @@ pub struct Inner {
     pub routes: Routes,
     /// Configuration read at start.
     pub config: Config,
+    /// Kafka producer (the outbox relay's; health checks use its metadata).
+    pub producer: rdkafka::producer::FutureProducer,
+    /// Wakes the outbox relay after a commit.
+    pub outbox_signal: OutboxSignal,
     shutting_down: AtomicBool,
 }
 
 impl AppState {
     /// Bundles the parts.
-    pub fn new(db: DbPool, cache: UserCache, routes: Routes, config: Config) -> Self {
-        Self(Arc::new(Inner { db, cache, routes, config, shutting_down: AtomicBool::new(false) }))
+    pub fn new(
+        db: DbPool,
+        cache: UserCache,
+        routes: Routes,
+        config: Config,
+        producer: rdkafka::producer::FutureProducer,
+        outbox_signal: OutboxSignal,
+    ) -> Self {
+        Self(Arc::new(Inner {
+            db,
+            cache,
+            routes,
+            config,
+            producer,
+            outbox_signal,
+            shutting_down: AtomicBool::new(false),
+        }))
     }
 
     /// From now on readiness reports 503.

@@ -17,6 +17,16 @@
 //! - `CACHE_TTL` [300]: lifetime of a cached user; 0 turns the cache off.
 //! - `LOG_LEVEL` [info] (an `EnvFilter` directive, e.g. `info,api=debug`), `LOG_FORMAT` [json|text].
 //! - `RUN_MIGRATIONS` [true]: `api` applies pending migrations at start, under an advisory lock.
+//! - `KAFKA_BROKERS` [localhost:9092] (comma-separated), `KAFKA_TOPIC` [user-events],
+//!   `KAFKA_GROUP_ID` [highload-service], `KAFKA_TOPIC_PARTITIONS` [12] and
+//!   `KAFKA_REPLICATION_FACTOR` [1] (used when a binary creates missing topics).
+//! - `KAFKA_SESSION_TIMEOUT_MS` [10000], `KAFKA_HEARTBEAT_INTERVAL_MS` [1000]: consumer group liveness.
+//! - `KAFKA_LINGER_MS` [5]: producer batching delay; `KAFKA_MESSAGE_TIMEOUT_MS` [30000]: how long the
+//!   producer retries one batch before the outbox relay takes over again.
+//! - `EVENT_MAX_DATA_BYTES` [65536]: largest serialized `data` of an event (413 beyond).
+//! - `OUTBOX_BATCH_SIZE` [500], `OUTBOX_POLL_INTERVAL_MS` [100]: the api's outbox relay.
+//! - `WORKER_HTTP_PORT` [8081], `WORKER_CONCURRENCY` [16], `WORKER_MAX_RETRIES` [5],
+//!   `WORKER_RETRY_BACKOFF_MS` [100], `WORKER_MAX_IN_FLIGHT` [1000]: the worker.
 
 use std::fmt::Display;
 use std::net::{IpAddr, SocketAddr};
@@ -47,6 +57,75 @@ pub struct Config {
     pub log: LogConfig,
     /// Apply pending migrations at start.
     pub run_migrations: bool,
+    /// Kafka.
+    pub kafka: KafkaConfig,
+    /// Events API limits.
+    pub events: EventsConfig,
+    /// The api's outbox relay.
+    pub outbox: OutboxConfig,
+    /// The worker.
+    pub worker: WorkerConfig,
+}
+
+/// Kafka settings shared by producer and consumer.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `host:port` list, comma-separated, as librdkafka takes it.
+    pub brokers: String,
+    /// The events topic; its dead-letter topic is `<topic>.dlq`.
+    pub topic: String,
+    /// The worker's consumer group.
+    pub group_id: String,
+    /// Partitions of topics this service creates.
+    pub topic_partitions: NonZeroU32,
+    /// Replication factor of topics this service creates.
+    pub replication_factor: NonZeroU32,
+    /// Consumer session timeout.
+    pub session_timeout: Duration,
+    /// Consumer heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// Producer `linger.ms`.
+    pub linger: Duration,
+    /// Producer `message.timeout.ms`.
+    pub message_timeout: Duration,
+}
+
+impl KafkaConfig {
+    /// The dead-letter topic.
+    pub fn dlq_topic(&self) -> String {
+        format!("{}.dlq", self.topic)
+    }
+}
+
+/// Events API limits.
+#[derive(Debug, Clone)]
+pub struct EventsConfig {
+    /// Largest serialized `data`.
+    pub max_data_bytes: usize,
+}
+
+/// The outbox relay.
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Rows published per batch.
+    pub batch_size: NonZeroU32,
+    /// How often the relay looks for rows written by other replicas (its own wake it at once).
+    pub poll_interval: Duration,
+}
+
+/// The worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Health and metrics port (the worker never binds `SERVER_PORT`).
+    pub http_port: u16,
+    /// Parallel lanes; one user's events always go to the same lane, in order.
+    pub concurrency: NonZeroU32,
+    /// Attempts at a failing event before it is dead-lettered.
+    pub max_retries: u32,
+    /// First retry delay; doubles per attempt.
+    pub retry_backoff: Duration,
+    /// Messages in flight before the consumer pauses fetching.
+    pub max_in_flight: NonZeroU32,
 }
 
 /// HTTP server settings.
@@ -201,6 +280,29 @@ impl Config {
                 },
             },
             run_migrations: env.bool("RUN_MIGRATIONS", true)?,
+            kafka: KafkaConfig {
+                brokers: env.string("KAFKA_BROKERS", "localhost:9092"),
+                topic: env.string("KAFKA_TOPIC", "user-events"),
+                group_id: env.string("KAFKA_GROUP_ID", "highload-service"),
+                topic_partitions: env.parse("KAFKA_TOPIC_PARTITIONS", NonZeroU32::new(12).expect("non-zero"))?,
+                replication_factor: env.parse("KAFKA_REPLICATION_FACTOR", NonZeroU32::MIN)?,
+                session_timeout: env.millis("KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
+                heartbeat_interval: env.millis("KAFKA_HEARTBEAT_INTERVAL_MS", 1_000)?,
+                linger: env.millis("KAFKA_LINGER_MS", 5)?,
+                message_timeout: env.millis("KAFKA_MESSAGE_TIMEOUT_MS", 30_000)?,
+            },
+            events: EventsConfig { max_data_bytes: env.parse("EVENT_MAX_DATA_BYTES", 65_536)? },
+            outbox: OutboxConfig {
+                batch_size: env.parse("OUTBOX_BATCH_SIZE", NonZeroU32::new(500).expect("non-zero"))?,
+                poll_interval: env.millis("OUTBOX_POLL_INTERVAL_MS", 100)?,
+            },
+            worker: WorkerConfig {
+                http_port: env.parse("WORKER_HTTP_PORT", 8081)?,
+                concurrency: env.parse("WORKER_CONCURRENCY", NonZeroU32::new(16).expect("non-zero"))?,
+                max_retries: env.parse("WORKER_MAX_RETRIES", 5)?,
+                retry_backoff: env.millis("WORKER_RETRY_BACKOFF_MS", 100)?,
+                max_in_flight: env.parse("WORKER_MAX_IN_FLIGHT", NonZeroU32::new(1000).expect("non-zero"))?,
+            },
         })
     }
 }
@@ -208,6 +310,9 @@ impl Config {
 impl DatabaseConfig {
     /// Rejects combinations that each variable alone cannot: TLS modes this build cannot honour.
     fn checked(self, env: &Env<'_>) -> Result<Self, ConfigError> {
+        if self.pool_min_idle > self.pool_max_size.get() {
+            return Err(env.invalid("DB_POOL_MIN_IDLE", "must not exceed DB_POOL_MAX_SIZE".into()));
+        }
         match env.optional("DB_SSLMODE").as_deref() {
             // `prefer` falls back to plain TCP when TLS is unavailable, exactly as libpq does.
             None | Some("disable") | Some("prefer") | Some("allow") => Ok(self),
@@ -326,6 +431,10 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("RUN_MIGRATIONS", "maybe"),
             ("DB_SSLMODE", "require"),
+            ("DB_POOL_MIN_IDLE", "99"),
+            ("KAFKA_TOPIC_PARTITIONS", "0"),
+            ("WORKER_CONCURRENCY", "many"),
+            ("EVENT_MAX_DATA_BYTES", "64k"),
         ] {
             let err = config(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);

@@ -5,7 +5,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
-use crate::db::models::UserRow;
+use std::collections::BTreeMap;
+
+use serde_json::value::RawValue;
+
+use crate::db::models::{EventRow, UserRow};
 
 /// A user as the API returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +87,86 @@ pub struct UserPage {
     pub limit: u32,
 }
 
+/// An event as the API returns it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    /// Primary key.
+    pub id: Uuid,
+    /// Owner.
+    pub user_id: Uuid,
+    /// Event type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Any JSON value, byte for byte as the client sent it.
+    pub data: Box<RawValue>,
+    /// `pending`, `processed` or `failed`.
+    pub status: String,
+    /// When the event was accepted.
+    #[serde(with = "rfc3339_micros")]
+    pub created_at: DateTime<Utc>,
+    /// When the worker applied it.
+    #[serde(with = "rfc3339_micros_option")]
+    pub processed_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<EventRow> for Event {
+    type Error = serde_json::Error;
+
+    fn try_from(row: EventRow) -> Result<Self, Self::Error> {
+        Ok(Self {
+            id: row.id,
+            user_id: row.user_id,
+            event_type: row.event_type,
+            data: RawValue::from_string(row.data)?,
+            status: row.status,
+            created_at: row.created_at,
+            processed_at: row.processed_at,
+        })
+    }
+}
+
+/// Body of `POST /api/v1/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEventRequest {
+    /// Required: an existing user's id.
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// Required: `[A-Za-z0-9_.:-]{1,100}`.
+    #[serde(default, rename = "type", deserialize_with = "present_string")]
+    pub event_type: Option<String>,
+    /// Required: any JSON value (`null` included), kept byte for byte.
+    #[serde(default, deserialize_with = "present_raw")]
+    pub data: Option<Box<RawValue>>,
+}
+
+/// Body of `GET /api/v1/events`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventPage {
+    /// The page's events, newest first; `[]` when empty.
+    pub events: Vec<Event>,
+    /// How many events match the filters in all.
+    pub total: i64,
+    /// The page number asked for (from 1).
+    pub page: u32,
+    /// The page size asked for.
+    pub limit: u32,
+}
+
+/// Body of `GET /api/v1/users/{id}/stats`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserStats {
+    /// The user.
+    pub user_id: Uuid,
+    /// Processed client events in all.
+    pub events_total: i64,
+    /// Processed client events per type.
+    pub events_by_type: BTreeMap<String, i64>,
+    /// Newest `created_at` among them; `null` when there are none.
+    #[serde(with = "rfc3339_micros_option")]
+    pub last_event_at: Option<DateTime<Utc>>,
+}
+
 /// One invalid field of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldError {
@@ -112,6 +196,11 @@ fn present_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<S
     String::deserialize(deserializer).map(Some)
 }
 
+/// A field that must be present but may hold any JSON value, `null` included.
+fn present_raw<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(deserializer).map(Some)
+}
+
 /// Serde adapter for timestamps in RFC 3339 UTC with exactly six fractional digits.
 pub mod rfc3339_micros {
     use super::*;
@@ -125,6 +214,27 @@ pub mod rfc3339_micros {
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
         let text = String::deserialize(deserializer)?;
         DateTime::parse_from_rfc3339(&text).map(|at| at.with_timezone(&Utc)).map_err(serde::de::Error::custom)
+    }
+}
+
+/// [`rfc3339_micros`] for optional timestamps (`null` when absent).
+pub mod rfc3339_micros_option {
+    use super::*;
+
+    /// `null` or `2026-01-02T03:04:05.123456Z`.
+    pub fn serialize<S: Serializer>(at: &Option<DateTime<Utc>>, serializer: S) -> Result<S::Ok, S::Error> {
+        match at {
+            Some(at) => rfc3339_micros::serialize(at, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    /// `null` or any RFC 3339 timestamp.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        Option::<String>::deserialize(deserializer)?
+            .map(|text| DateTime::parse_from_rfc3339(&text).map(|at| at.with_timezone(&Utc)))
+            .transpose()
+            .map_err(serde::de::Error::custom)
     }
 }
 

@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use common::db::models::UserRow;
+use common::kafka::lifecycle;
 use common::wire::{CreateUserRequest, UpdateUserRequest, User, UserPage};
 use diesel::result::Error as DieselError;
 use http::{HeaderValue, StatusCode, header};
@@ -11,17 +12,26 @@ use uuid::Uuid;
 
 use super::{repo, validate};
 use crate::cache::Lookup;
-use crate::db::is_unique_violation;
+use crate::db::{is_unique_violation, transaction};
 use crate::http::error::ApiError;
 use crate::http::query::Pagination;
 use crate::http::response::{self, HttpResponse};
+use crate::outbox;
 use crate::state::AppState;
 
-/// `POST /api/v1/users`
-pub async fn create(state: &AppState, request: CreateUserRequest) -> Result<HttpResponse, ApiError> {
+/// `POST /api/v1/users`: the user and its `user_created` event in one transaction.
+pub async fn create(state: &AppState, request_id: &str, request: CreateUserRequest) -> Result<HttpResponse, ApiError> {
     let user = validate::new_user(request)?;
-    let mut conn = state.db.get().await?;
-    let row = repo::insert(&mut conn, &user).await.map_err(email_conflict)?;
+    let request_id = request_id.to_owned();
+    let row = transaction(&state.db, move |conn| {
+        Box::pin(async move {
+            let row = repo::insert(conn, &user).await.map_err(email_conflict)?;
+            outbox::append(conn, outbox::lifecycle_event(lifecycle::USER_CREATED, &row, &request_id)?).await?;
+            Ok(row)
+        })
+    })
+    .await?;
+    state.outbox_signal.rows_committed();
     let location = format!("/api/v1/users/{}", row.id);
     let mut response = response::json_bytes(StatusCode::CREATED, serialize(row).1);
     if let Ok(location) = HeaderValue::from_str(&location) {
@@ -46,25 +56,46 @@ pub async fn get(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
     Ok(response::json_bytes(StatusCode::OK, body))
 }
 
-/// `PUT /api/v1/users/{id}`: partial update; the response is the row as now stored.
-pub async fn update(state: &AppState, id: Uuid, request: UpdateUserRequest) -> Result<HttpResponse, ApiError> {
+/// `PUT /api/v1/users/{id}`: partial update and its `user_updated` event in one transaction; the
+/// response is the row as now stored.
+pub async fn update(
+    state: &AppState,
+    request_id: &str,
+    id: Uuid,
+    request: UpdateUserRequest,
+) -> Result<HttpResponse, ApiError> {
     let changes = validate::changes(request)?;
-    let mut conn = state.db.get().await?;
-    let row = repo::update(&mut conn, id, &changes).await.map_err(email_conflict)?;
-    drop(conn);
-    let row = row.ok_or(ApiError::NotFound("user"))?;
+    let request_id = request_id.to_owned();
+    let row = transaction(&state.db, move |conn| {
+        Box::pin(async move {
+            let row =
+                repo::update(conn, id, &changes).await.map_err(email_conflict)?.ok_or(ApiError::NotFound("user"))?;
+            outbox::append(conn, outbox::lifecycle_event(lifecycle::USER_UPDATED, &row, &request_id)?).await?;
+            Ok(row)
+        })
+    })
+    .await?;
+    state.outbox_signal.rows_committed();
     let (version, body) = serialize(row);
     // Before answering, so that no GET after this response can be served the previous state.
     state.cache.store(id, version, body.clone()).await;
     Ok(response::json_bytes(StatusCode::OK, body))
 }
 
-/// `DELETE /api/v1/users/{id}`
-pub async fn delete(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
-    let mut conn = state.db.get().await?;
-    let version = repo::delete(&mut conn, id).await?.ok_or(ApiError::NotFound("user"))?;
-    drop(conn);
-    state.cache.store_deleted(id, version).await;
+/// `DELETE /api/v1/users/{id}`: the user (its events and stats cascade) and its `user_deleted` event
+/// in one transaction.
+pub async fn delete(state: &AppState, request_id: &str, id: Uuid) -> Result<HttpResponse, ApiError> {
+    let request_id = request_id.to_owned();
+    let row = transaction(&state.db, move |conn| {
+        Box::pin(async move {
+            let row = repo::delete(conn, id).await?.ok_or(ApiError::NotFound("user"))?;
+            outbox::append(conn, outbox::lifecycle_event(lifecycle::USER_DELETED, &row, &request_id)?).await?;
+            Ok(row)
+        })
+    })
+    .await?;
+    state.outbox_signal.rows_committed();
+    state.cache.store_deleted(id, row.version).await;
     Ok(response::no_content())
 }
 

@@ -1,4 +1,4 @@
-//! SQL for the users resource. Every write is one statement, so it is atomic without a transaction.
+//! SQL for the users resource. Every write is one statement: no read-modify-write in the service.
 
 use common::db::models::{NewUserRow, UserChangeset, UserRow};
 use common::db::schema::users;
@@ -52,9 +52,9 @@ pub async fn update(
         .optional()
 }
 
-/// Deletes a user; returns the deleted row's version, or `None` if there was no such user.
-pub async fn delete(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<i64>, DieselError> {
-    diesel::delete(users::table.find(id)).returning(users::version).get_result(conn).await.optional()
+/// Deletes a user; returns the deleted row, or `None` if there was no such user.
+pub async fn delete(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<UserRow>, DieselError> {
+    diesel::delete(users::table.find(id)).returning(UserRow::as_returning()).get_result(conn).await.optional()
 }
 
 /// One page, newest first (`created_at DESC, id DESC`, served by an index), and the total count.

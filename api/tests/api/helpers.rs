@@ -37,6 +37,10 @@ fn service_defaults() -> Vec<(&'static str, String)> {
         ("SERVER_PORT", "0".to_owned()),
         ("DB_POOL_MIN_IDLE", "0".to_owned()),
         ("DB_POOL_MAX_SIZE", "8".to_owned()),
+        ("KAFKA_BROKERS", env("KAFKA_BROKERS", "127.0.0.1:9092")),
+        ("KAFKA_TOPIC_PARTITIONS", "4".to_owned()),
+        ("KAFKA_SESSION_TIMEOUT_MS", "6000".to_owned()),
+        ("SHUTDOWN_TIMEOUT", "5".to_owned()),
     ]
 }
 
@@ -64,6 +68,7 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
         service_defaults().into_iter().map(|(name, value)| (name.to_owned(), value)).collect();
     vars.insert("DB_NAME".into(), create_database().await);
     vars.insert("REDIS_KEY_PREFIX".into(), format!("test:{}:", Uuid::new_v4().simple()));
+    vars.insert("KAFKA_TOPIC".into(), format!("test-{}", Uuid::new_v4().simple()));
     for (name, value) in overrides {
         vars.insert((*name).to_owned(), (*value).to_owned());
     }

@@ -22,6 +22,52 @@ struct ColumnInfo {
     primary_key: String,
 }
 
+#[derive(QueryableByName)]
+struct ForeignKey {
+    #[diesel(sql_type = Text)]
+    child: String,
+    #[diesel(sql_type = Text)]
+    parent: String,
+    #[diesel(sql_type = Text)]
+    column_name: String,
+}
+
+/// `type` is a Rust keyword: such columns are `event_type` in Rust, with `#[sql_name = "type"]`.
+fn rust_name(column: &str) -> &str {
+    if column == "type" { "event_type" } else { column }
+}
+
+/// The schema in the exact layout of `common/src/db/schema.rs` (that of `diesel print-schema`).
+fn render_schema(columns: &[ColumnInfo], foreign_keys: &[ForeignKey]) -> String {
+    let mut blocks = Vec::new();
+    let mut tables = Vec::new();
+    for column in columns {
+        if tables.last() != Some(&column.table_name) {
+            tables.push(column.table_name.clone());
+            let key = column.primary_key.split(", ").map(rust_name).collect::<Vec<_>>().join(", ");
+            blocks.push(format!("diesel::table! {{\n    {} ({key}) {{\n", column.table_name));
+        }
+        let block = blocks.last_mut().unwrap();
+        let sql_type = diesel_type(&column.udt_name);
+        let sql_type = if column.nullable { format!("Nullable<{sql_type}>") } else { sql_type.to_owned() };
+        if rust_name(&column.column_name) != column.column_name {
+            block.push_str(&format!("        #[sql_name = \"{}\"]\n", column.column_name));
+        }
+        block.push_str(&format!("        {} -> {},\n", rust_name(&column.column_name), sql_type));
+    }
+    let mut rendered = blocks.iter().map(|block| format!("{block}    }}\n}}\n")).collect::<Vec<_>>().join("\n");
+    if !foreign_keys.is_empty() {
+        rendered.push('\n');
+        for fk in foreign_keys {
+            rendered.push_str(&format!("diesel::joinable!({} -> {} ({}));\n", fk.child, fk.parent, fk.column_name));
+        }
+    }
+    if tables.len() > 1 {
+        rendered.push_str(&format!("\ndiesel::allow_tables_to_appear_in_same_query!({});\n", tables.join(", ")));
+    }
+    rendered
+}
+
 fn diesel_type(udt_name: &str) -> &str {
     match udt_name {
         "uuid" => "Uuid",
@@ -64,22 +110,19 @@ async fn schema_rs_matches_the_migrations() {
     .unwrap();
     assert!(!columns.is_empty());
 
-    let mut rendered = String::new();
-    let mut current_table = None;
-    for column in &columns {
-        if current_table != Some(&column.table_name) {
-            if current_table.is_some() {
-                rendered.push_str("    }\n}\n\n");
-            }
-            rendered.push_str(&format!("diesel::table! {{\n    {} ({}) {{\n", column.table_name, column.primary_key));
-            current_table = Some(&column.table_name);
-        }
-        let sql_type = diesel_type(&column.udt_name);
-        let sql_type = if column.nullable { format!("Nullable<{sql_type}>") } else { sql_type.to_owned() };
-        rendered.push_str(&format!("        {} -> {},\n", column.column_name, sql_type));
-    }
-    rendered.push_str("    }\n}\n");
-
+    let foreign_keys: Vec<ForeignKey> = diesel::sql_query(
+        "SELECT src.relname::text AS child, dst.relname::text AS parent, a.attname::text AS column_name
+           FROM pg_constraint c
+           JOIN pg_class src ON src.oid = c.conrelid
+           JOIN pg_class dst ON dst.oid = c.confrelid
+           JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+          WHERE c.contype = 'f'
+          ORDER BY 1, 2",
+    )
+    .load(&mut conn)
+    .await
+    .unwrap();
+    let rendered = render_schema(&columns, &foreign_keys);
     let declared = &SCHEMA_RS[SCHEMA_RS.find("diesel::table!").unwrap()..];
     assert_eq!(declared.trim(), rendered.trim(), "common/src/db/schema.rs differs from the migrated database");
 }

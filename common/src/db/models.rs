@@ -51,3 +51,83 @@ pub struct UserChangeset<'a> {
     /// New family name, if changed.
     pub last_name: Option<&'a str>,
 }
+
+/// A row of `events`, exactly as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = crate::db::schema::events, check_for_backend(diesel::pg::Pg))]
+pub struct EventRow {
+    /// Primary key (UUID v7).
+    pub id: Uuid,
+    /// The user the event belongs to.
+    pub user_id: Uuid,
+    /// Client-chosen type, `[A-Za-z0-9_.:-]{1,100}`.
+    pub event_type: String,
+    /// The JSON text of `data`, exactly as the client sent it.
+    pub data: String,
+    /// `pending`, `processed` or `failed`.
+    pub status: String,
+    /// Set by the database on insert.
+    pub created_at: DateTime<Utc>,
+    /// Set by the worker when it applied the event.
+    pub processed_at: Option<DateTime<Utc>>,
+}
+
+/// A new `events` row.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = crate::db::schema::events)]
+pub struct NewEventRow<'a> {
+    /// New primary key.
+    pub id: Uuid,
+    /// Owner.
+    pub user_id: Uuid,
+    /// Validated type.
+    pub event_type: &'a str,
+    /// Validated JSON text.
+    pub data: &'a str,
+}
+
+/// A new `outbox` row: one Kafka message to publish.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = crate::db::schema::outbox)]
+pub struct NewOutboxRow {
+    /// The event's id (also inside `payload`).
+    pub event_id: Uuid,
+    /// The Kafka key.
+    pub user_id: Uuid,
+    /// The `event-type` header.
+    pub event_type: String,
+    /// The Kafka message value (JSON).
+    pub payload: String,
+    /// The `request-id` header.
+    pub request_id: Option<String>,
+}
+
+/// A row of `outbox` as the relay reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = crate::db::schema::outbox, check_for_backend(diesel::pg::Pg))]
+pub struct OutboxRow {
+    /// Publishing order.
+    pub id: i64,
+    /// The Kafka key.
+    pub user_id: Uuid,
+    /// The `event-type` header.
+    pub event_type: String,
+    /// The Kafka message value.
+    pub payload: String,
+    /// The `request-id` header.
+    pub request_id: Option<String>,
+}
+
+/// A row of `user_event_stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = crate::db::schema::user_event_stats, check_for_backend(diesel::pg::Pg))]
+pub struct UserEventStatsRow {
+    /// Owner.
+    pub user_id: Uuid,
+    /// Event type counted.
+    pub event_type: String,
+    /// Processed events of this type.
+    pub count: i64,
+    /// Newest `created_at` among them.
+    pub last_event_at: DateTime<Utc>,
+}

@@ -1,4 +1,39 @@
-//! Mirrors `migrations/`; the api's `schema_matches_migrations` test fails when the two drift.
+//! Mirrors `migrations/`; the api's `schema_rs_matches_the_migrations` test fails when the two drift.
+
+diesel::table! {
+    events (id) {
+        id -> Uuid,
+        user_id -> Uuid,
+        #[sql_name = "type"]
+        event_type -> Text,
+        data -> Text,
+        status -> Text,
+        created_at -> Timestamptz,
+        processed_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    outbox (id) {
+        id -> Int8,
+        event_id -> Uuid,
+        user_id -> Uuid,
+        event_type -> Text,
+        payload -> Text,
+        request_id -> Nullable<Text>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    user_event_stats (user_id, event_type) {
+        user_id -> Uuid,
+        #[sql_name = "type"]
+        event_type -> Text,
+        count -> Int8,
+        last_event_at -> Timestamptz,
+    }
+}
 
 diesel::table! {
     users (id) {
@@ -11,3 +46,8 @@ diesel::table! {
         updated_at -> Timestamptz,
     }
 }
+
+diesel::joinable!(events -> users (user_id));
+diesel::joinable!(user_event_stats -> users (user_id));
+
+diesel::allow_tables_to_appear_in_same_query!(events, outbox, user_event_stats, users);

@@ -1,7 +1,7 @@
 //! Logging: one subscriber per process, JSON lines by default (SPEC §6).
 
+use crate::config::{LogConfig, LogFormat};
 use anyhow::Context;
-use common::config::{LogConfig, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. Fails on a bad `LOG_LEVEL`, naming it.

@@ -1,0 +1,102 @@
+//! Handlers of `/api/v1/events` and `/api/v1/users/{id}/stats`.
+
+use common::db::models::EventRow;
+use common::wire::{CreateEventRequest, Event, EventPage, UserStats};
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use http::{HeaderValue, StatusCode, header};
+use uuid::Uuid;
+
+use super::repo::{self, EventFilter};
+use super::validate;
+use crate::db::transaction;
+use crate::http::error::ApiError;
+use crate::http::query::Pagination;
+use crate::http::response::{self, HttpResponse};
+use crate::outbox;
+use crate::state::AppState;
+
+/// `POST /api/v1/events`: the event and its outbox row in one transaction.
+pub async fn create(state: &AppState, request_id: &str, request: CreateEventRequest) -> Result<HttpResponse, ApiError> {
+    let event = validate::new_event(request, state.config.events.max_data_bytes)?;
+    let request_id = request_id.to_owned();
+    let row = transaction(&state.db, move |conn| {
+        Box::pin(async move {
+            let row = repo::insert(conn, &event).await.map_err(unknown_user)?;
+            outbox::append(conn, outbox::client_event(&row, &request_id)?).await?;
+            Ok(row)
+        })
+    })
+    .await?;
+    state.outbox_signal.rows_committed();
+    let location = format!("/api/v1/events/{}", row.id);
+    let mut response = response::json(StatusCode::CREATED, &to_wire(row)?);
+    if let Ok(location) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// `GET /api/v1/events/{id}`
+pub async fn get(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
+    let mut conn = state.db.get().await?;
+    let row = repo::find(&mut conn, id).await?.ok_or(ApiError::NotFound("event"))?;
+    Ok(response::json(StatusCode::OK, &to_wire(row)?))
+}
+
+/// `GET /api/v1/events?page=&limit=&user_id=&type=`
+pub async fn list(state: &AppState, query: Option<&str>) -> Result<HttpResponse, ApiError> {
+    let page = Pagination::from_query(query)?;
+    let filter = filter_from_query(query)?;
+    let mut conn = state.db.get().await?;
+    let (rows, total) = repo::list(&mut conn, &filter, page).await?;
+    let events = rows.into_iter().map(to_wire).collect::<Result<Vec<_>, _>>()?;
+    Ok(response::json(StatusCode::OK, &EventPage { events, total, page: page.page, limit: page.limit }))
+}
+
+/// `GET /api/v1/users/{id}/stats`: what the worker has counted for the user.
+pub async fn stats(state: &AppState, user_id: Uuid) -> Result<HttpResponse, ApiError> {
+    let mut conn = state.db.get().await?;
+    if !repo::user_exists(&mut conn, user_id).await? {
+        return Err(ApiError::NotFound("user"));
+    }
+    let rows = repo::stats(&mut conn, user_id).await?;
+    let stats = UserStats {
+        user_id,
+        events_total: rows.iter().map(|row| row.count).sum(),
+        last_event_at: rows.iter().map(|row| row.last_event_at).max(),
+        events_by_type: rows.into_iter().map(|row| (row.event_type, row.count)).collect(),
+    };
+    Ok(response::json(StatusCode::OK, &stats))
+}
+
+fn filter_from_query(query: Option<&str>) -> Result<EventFilter, ApiError> {
+    let mut filter = EventFilter::default();
+    for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match name.as_ref() {
+            "user_id" => {
+                let id = Uuid::try_parse(&value).map_err(|_| ApiError::invalid_field("user_id", "must be a UUID"))?;
+                filter.user_id = Some(id);
+            }
+            "type" => {
+                if let Some(message) = validate::event_type_error(&value) {
+                    return Err(ApiError::invalid_field("type", message));
+                }
+                filter.event_type = Some(value.into_owned());
+            }
+            _ => {}
+        }
+    }
+    Ok(filter)
+}
+
+fn to_wire(row: EventRow) -> Result<Event, ApiError> {
+    Event::try_from(row)
+        .map_err(|err| ApiError::Internal(anyhow::Error::new(err).context("stored event data is not JSON")))
+}
+
+fn unknown_user(err: DieselError) -> ApiError {
+    match err {
+        DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _) => ApiError::NotFound("user"),
+        other => other.into(),
+    }
+}

@@ -1,0 +1,129 @@
+//! Kafka: the message on the events topic (SPEC §4), client settings shared by the api's producer and
+//! the worker's consumer, and creation of missing topics.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::config::KafkaConfig;
+use crate::wire::rfc3339_micros;
+
+/// Message headers.
+pub mod headers {
+    /// Always `application/json`.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// The event's type.
+    pub const EVENT_TYPE: &str = "event-type";
+    /// The HTTP request that caused the event.
+    pub const REQUEST_ID: &str = "request-id";
+    /// On dead-lettered messages: why.
+    pub const ERROR: &str = "error";
+}
+
+/// Types of the events the api emits itself for user changes. Clients cannot use them.
+pub mod lifecycle {
+    /// A user was created.
+    pub const USER_CREATED: &str = "user_created";
+    /// A user was updated.
+    pub const USER_UPDATED: &str = "user_updated";
+    /// A user was deleted.
+    pub const USER_DELETED: &str = "user_deleted";
+    /// All of them.
+    pub const ALL: [&str; 3] = [USER_CREATED, USER_UPDATED, USER_DELETED];
+}
+
+/// The value of every message on the events topic; same field names as the seed's messages.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventMessage {
+    /// Event id: the idempotency key of its effects.
+    pub id: Uuid,
+    /// The user; also the message key.
+    pub user_id: Uuid,
+    /// Event type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The event's data, as sent by the client (or the user's fields for lifecycle events).
+    pub data: Box<RawValue>,
+    /// The event's `created_at`.
+    #[serde(with = "rfc3339_micros")]
+    pub timestamp: DateTime<Utc>,
+}
+
+impl EventMessage {
+    /// Whether this is a `user_*` lifecycle event rather than a client event.
+    pub fn is_lifecycle(&self) -> bool {
+        lifecycle::ALL.contains(&self.event_type.as_str())
+    }
+}
+
+/// Settings every client shares.
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.brokers).set("client.id", "highload-microservice");
+    client
+}
+
+/// The producer: idempotent, `acks=all`, compressed, batched (SPEC §4).
+pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = client_config(config);
+    client
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", config.linger.as_millis().to_string())
+        .set("message.timeout.ms", config.message_timeout.as_millis().to_string());
+    client
+}
+
+/// The worker's consumer: offsets stored by the application only after an event's effects committed,
+/// committed in the background and once more at shutdown.
+pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = client_config(config);
+    client
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Eager assignors can wedge a group when a member leaves mid-rebalance; cooperative-sticky
+        // also moves fewer partitions on real Kafka.
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
+        .set("heartbeat.interval.ms", config.heartbeat_interval.as_millis().to_string())
+        // Bound what librdkafka prefetches while the worker pauses for backpressure.
+        .set("queued.max.messages.kbytes", "16384");
+    client
+}
+
+/// Creates the events topic and its dead-letter topic if they do not exist.
+pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
+    let partitions = i32::try_from(config.topic_partitions.get()).unwrap_or(i32::MAX);
+    let replication = i32::try_from(config.replication_factor.get()).unwrap_or(i32::MAX);
+    let dlq = config.dlq_topic();
+    let topics = [
+        NewTopic::new(&config.topic, partitions, TopicReplication::Fixed(replication)),
+        NewTopic::new(&dlq, partitions, TopicReplication::Fixed(replication)),
+    ];
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&topics, &options).await? {
+        match result {
+            Ok(topic) => tracing::info!(topic, partitions, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(topic, error = %code, "failed to create topic");
+                });
+            }
+        }
+    }
+    Ok(())
+}

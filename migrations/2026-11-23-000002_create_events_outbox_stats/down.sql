@@ -1,0 +1,3 @@
+DROP TABLE user_event_stats;
+DROP TABLE outbox;
+DROP TABLE events;

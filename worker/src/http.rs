@@ -1,0 +1,75 @@
+//! The worker's small HTTP server on `WORKER_HTTP_PORT`: liveness and readiness.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What readiness is computed from.
+#[derive(Clone)]
+pub struct Health {
+    /// The consumer holds at least one partition (reported; a member with none is idle, not broken).
+    pub assigned: watch::Receiver<bool>,
+    /// Shutdown began.
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// Serves until `stop` turns true.
+pub async fn serve(listener: TcpListener, health: Health, mut stop: watch::Receiver<bool>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let health = health.clone();
+                let service = service_fn(move |request| {
+                    let health = health.clone();
+                    async move { Ok::<_, Infallible>(route(&health, &request)) }
+                });
+                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                tokio::spawn(connection);
+            }
+            _ = stop.wait_for(|stopped| *stopped) => break,
+        }
+    }
+}
+
+fn route(health: &Health, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path().trim_end_matches('/');
+    match (request.method().as_str(), path) {
+        ("GET", "/health/live") => json(StatusCode::OK, r#"{"status":"ok"}"#),
+        ("GET", "/health/ready") => {
+            // The worker only starts serving after it reached the broker and subscribed, so until
+            // shutdown it is consuming, or idle in its group when it holds no partition.
+            if *health.stopping.borrow() {
+                json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"shutting_down"}"#)
+            } else if *health.assigned.borrow() {
+                json(StatusCode::OK, r#"{"status":"ready","assigned":true}"#)
+            } else {
+                json(StatusCode::OK, r#"{"status":"ready","assigned":false}"#)
+            }
+        }
+        (_, "/health/live" | "/health/ready") => {
+            let mut response =
+                json(StatusCode::METHOD_NOT_ALLOWED, r#"{"error":"method not allowed","code":"method_not_allowed"}"#);
+            response.headers_mut().insert(header::ALLOW, http::HeaderValue::from_static("GET"));
+            response
+        }
+        _ => json(StatusCode::NOT_FOUND, r#"{"error":"no route for this path","code":"route_not_found"}"#),
+    }
+}
+
+fn json(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
+}

@@ -1,0 +1,84 @@
+//! The `worker` binary's library: consumes the events topic and applies each event's effects in
+//! PostgreSQL exactly once in effect (SPEC §3).
+//!
+//! - [`Worker`]: builds clients from [`Config`], runs until told to stop.
+//! - [`pipeline`]: the consumer loop (offsets, backpressure, rebalances, drain);
+//!   [`offsets`]: which offset may be committed.
+//! - [`lanes`]: the bounded pool applying one user's events in order; retries and dead letters.
+//! - [`effects`]: the idempotent database effects; [`http`]: health endpoints.
+
+pub mod effects;
+pub mod http;
+pub mod lanes;
+pub mod offsets;
+pub mod pipeline;
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use common::config::Config;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::lanes::LaneContext;
+use crate::pipeline::{Pipeline, WorkerContext};
+
+/// A built worker: consumer subscribed, health listener bound.
+pub struct Worker {
+    pipeline: Pipeline,
+    listener: TcpListener,
+    assigned: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+}
+
+impl Worker {
+    /// Creates the topics if missing, subscribes, binds `WORKER_HTTP_PORT`.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        common::kafka::ensure_topics(&config.kafka).await.context("failed to ensure Kafka topics")?;
+        let (assigned_sender, assigned) = watch::channel(false);
+        let (context, rebalances) = WorkerContext::new(assigned_sender);
+        let consumer: StreamConsumer<WorkerContext> = common::kafka::consumer_config(&config.kafka)
+            .create_with_context(context)
+            .context("invalid Kafka consumer configuration")?;
+        consumer.subscribe(&[&config.kafka.topic]).context("failed to subscribe")?;
+        let producer: FutureProducer =
+            common::kafka::producer_config(&config.kafka).create().context("invalid Kafka producer configuration")?;
+        let pool = common::pool::build(&config.database, "highload-worker");
+        let (stop, stop_receiver) = watch::channel(false);
+        let lanes = LaneContext {
+            pool,
+            producer,
+            dlq_topic: config.kafka.dlq_topic(),
+            max_retries: config.worker.max_retries,
+            retry_backoff: config.worker.retry_backoff,
+            stop: stop_receiver,
+        };
+        let address = SocketAddr::new(config.server.addr.ip(), config.worker.http_port);
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("failed to listen on {address} (WORKER_HTTP_PORT)"))?;
+        Ok(Self { pipeline: Pipeline { consumer, rebalances, lanes, config }, listener, assigned, stop })
+    }
+
+    /// The health server's address.
+    pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.listener.local_addr().context("listener has no local address")
+    }
+
+    /// Consumes until `shutdown` resolves, then drains, commits and leaves the group.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tracing::info!(address = %self.http_addr()?, topic = %self.pipeline.config.kafka.topic, "worker started");
+        let stop_receiver = self.stop.subscribe();
+        let health = http::Health { assigned: self.assigned, stopping: stop_receiver.clone() };
+        let http = tokio::spawn(http::serve(self.listener, health, stop_receiver.clone()));
+        let pipeline = tokio::spawn(self.pipeline.run(stop_receiver));
+        shutdown.await;
+        let _ = self.stop.send(true);
+        pipeline.await.context("consumer loop panicked")?;
+        http.abort();
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,216 @@
+//! The consumer loop: fetch, hand each message to its lane, store offsets as work finishes, pause
+//! fetching while too much is in flight, and drain + commit at shutdown.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Duration;
+
+use common::config::Config;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::{ClientContext, Message, Offset};
+use tokio::sync::{mpsc, watch};
+
+use crate::lanes::{Done, Job, LaneContext, run_lane};
+use crate::offsets::OffsetTracker;
+
+/// Partition assignment changes, reported by librdkafka on its polling thread.
+#[derive(Debug)]
+pub enum RebalanceEvent {
+    /// These partitions are now ours.
+    Assigned(Vec<i32>),
+    /// These partitions are no longer ours.
+    Revoked(Vec<i32>),
+}
+
+/// Forwards rebalances to the consumer loop and flags readiness.
+pub struct WorkerContext {
+    rebalances: mpsc::UnboundedSender<RebalanceEvent>,
+    assigned: watch::Sender<bool>,
+}
+
+impl WorkerContext {
+    /// A context and the receiving end of its rebalance events.
+    pub fn new(assigned: watch::Sender<bool>) -> (Self, mpsc::UnboundedReceiver<RebalanceEvent>) {
+        let (rebalances, receiver) = mpsc::unbounded_channel();
+        (Self { rebalances, assigned }, receiver)
+    }
+}
+
+impl ClientContext for WorkerContext {}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            tracing::info!(partitions = ?partition_ids(partitions), "partitions revoked");
+            let _ = self.rebalances.send(RebalanceEvent::Revoked(partition_ids(partitions)));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            tracing::info!(partitions = ?partition_ids(partitions), "partitions assigned");
+            let _ = self.rebalances.send(RebalanceEvent::Assigned(partition_ids(partitions)));
+        }
+        let _ = self.assigned.send(consumer.assignment().is_ok_and(|assignment| assignment.count() > 0));
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "offset commit failed");
+        }
+    }
+}
+
+fn partition_ids(list: &TopicPartitionList) -> Vec<i32> {
+    list.elements().iter().map(|element| element.partition()).collect()
+}
+
+/// The consumer loop's parts.
+pub struct Pipeline {
+    /// Subscribed consumer.
+    pub consumer: StreamConsumer<WorkerContext>,
+    /// Rebalance notifications from the consumer's context.
+    pub rebalances: mpsc::UnboundedReceiver<RebalanceEvent>,
+    /// Lane inputs.
+    pub lanes: LaneContext,
+    /// Configuration.
+    pub config: Config,
+}
+
+impl Pipeline {
+    /// Consumes until `stop` turns true, then drains in-flight work (bounded by `SHUTDOWN_TIMEOUT`),
+    /// commits synchronously and leaves the group.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let topic = self.config.kafka.topic.clone();
+        let lane_count = self.config.worker.concurrency.get() as usize;
+        let max_in_flight = self.config.worker.max_in_flight.get() as usize;
+        let (done_sender, mut done) = mpsc::unbounded_channel::<Done>();
+        let mut lanes = Vec::with_capacity(lane_count);
+        let mut lane_tasks = Vec::with_capacity(lane_count);
+        for _ in 0..lane_count {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            lanes.push(sender);
+            lane_tasks.push(tokio::spawn(run_lane(self.lanes.clone(), receiver, done_sender.clone())));
+        }
+        drop(done_sender);
+
+        let mut tracker = OffsetTracker::default();
+        let mut paused = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                Some(event) = self.rebalances.recv() => {
+                    let (RebalanceEvent::Assigned(partitions) | RebalanceEvent::Revoked(partitions)) = event;
+                    for partition in partitions {
+                        tracker.reset(partition);
+                    }
+                }
+                Some(finished) = done.recv() => {
+                    self.finish(&mut tracker, &topic, finished);
+                    if paused && tracker.in_flight() <= max_in_flight / 2 {
+                        paused = !self.set_paused(false);
+                    }
+                }
+                received = self.consumer.recv() => match received {
+                    Ok(message) => {
+                        let message = message.detach();
+                        let partition = message.partition();
+                        tracker.started(partition, message.offset());
+                        let generation = tracker.generation(partition);
+                        let lane = lane_of(message.key(), partition, lane_count);
+                        // The lane channel is unbounded, but fetching pauses below at WORKER_MAX_IN_FLIGHT.
+                        let _ = lanes[lane].send(Job { message, generation });
+                        if !paused && tracker.in_flight() >= max_in_flight {
+                            paused = self.set_paused(true);
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "Kafka consume error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+
+        tracing::info!(in_flight = tracker.in_flight(), "worker stopping: draining in-flight events");
+        drop(lanes);
+        let deadline = tokio::time::Instant::now() + self.config.server.shutdown_timeout;
+        while tracker.in_flight() > 0 {
+            match tokio::time::timeout_at(deadline, done.recv()).await {
+                Ok(Some(finished)) => self.finish(&mut tracker, &topic, finished),
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        in_flight = tracker.in_flight(),
+                        "shutdown deadline passed; unfinished events will be redelivered"
+                    );
+                    break;
+                }
+            }
+        }
+        for task in lane_tasks {
+            task.abort();
+        }
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::info!("offsets committed"),
+            // Nothing stored since the last commit is reported as an error by librdkafka.
+            Err(err) => tracing::info!(error = %err, "final offset commit"),
+        }
+        self.consumer.unsubscribe();
+        tracing::info!("worker left the consumer group");
+    }
+
+    fn finish(&self, tracker: &mut OffsetTracker, topic: &str, finished: Done) {
+        if let Some(next) = tracker.finished(finished.partition, finished.generation, finished.offset) {
+            let mut offsets = TopicPartitionList::new();
+            if offsets.add_partition_offset(topic, finished.partition, Offset::Offset(next)).is_ok()
+                && let Err(err) = self.consumer.store_offsets(&offsets)
+            {
+                // The partition was revoked meanwhile; its new owner redelivers (effects are idempotent).
+                tracing::debug!(error = %err, partition = finished.partition, "could not store offset");
+            }
+        }
+    }
+
+    /// Pauses or resumes fetching on every assigned partition; returns whether it took effect.
+    fn set_paused(&self, pause: bool) -> bool {
+        let Ok(assignment) = self.consumer.assignment() else { return false };
+        let result = if pause { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+        match result {
+            Ok(()) => {
+                tracing::debug!(pause, "backpressure");
+                true
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, pause, "could not change fetching");
+                false
+            }
+        }
+    }
+}
+
+/// The lane of a message: by key (the user id), so one user's events stay in order.
+fn lane_of(key: Option<&[u8]>, partition: i32, lanes: usize) -> usize {
+    let mut hasher = DefaultHasher::new();
+    match key {
+        Some(key) => key.hash(&mut hasher),
+        None => partition.hash(&mut hasher),
+    }
+    (hasher.finish() % lanes as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_always_maps_to_the_same_lane() {
+        let lane = lane_of(Some(b"user-1"), 0, 16);
+        for partition in 0..5 {
+            assert_eq!(lane_of(Some(b"user-1"), partition, 16), lane);
+        }
+        assert!((0..100).map(|n| lane_of(Some(format!("u{n}").as_bytes()), 0, 16)).any(|l| l != lane));
+    }
+}
