@@ -25,7 +25,8 @@ port_open() { (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; }
 
 # Debian packages the build and these scripts need; installed only when missing.
 ensure_system_packages() {
-  local wanted=(postgresql redis-server) missing=()
+  # cmake + zlib/curl headers build rdkafka's bundled librdkafka (SPEC §7).
+  local wanted=(postgresql redis-server cmake pkg-config zlib1g-dev libcurl4-openssl-dev) missing=()
   for package in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
   done

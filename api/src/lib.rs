@@ -75,7 +75,9 @@ impl App {
         tracing::info!(address = %self.local_addr()?, "api listening");
         let (stop_relay, relay_stopped) = watch::channel(false);
         let relay = Relay {
-            producer: self.state.producer.clone(),
+            producer: common::kafka::producer_config(&self.state.config.kafka)
+                .create()
+                .context("invalid Kafka producer configuration")?,
             config: self.state.config.clone(),
             signal: self.state.outbox_signal.clone(),
         };

@@ -25,7 +25,7 @@ pub struct Inner {
     pub routes: Routes,
     /// Configuration read at start.
     pub config: Config,
-    /// Kafka producer (the outbox relay's; health checks use its metadata).
+    /// A Kafka client for health checks (the outbox relay has its own producer).
     pub producer: rdkafka::producer::FutureProducer,
     /// Wakes the outbox relay after a commit.
     pub outbox_signal: OutboxSignal,

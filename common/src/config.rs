@@ -21,8 +21,8 @@
 //!   `KAFKA_GROUP_ID` [highload-service], `KAFKA_TOPIC_PARTITIONS` [12] and
 //!   `KAFKA_REPLICATION_FACTOR` [1] (used when a binary creates missing topics).
 //! - `KAFKA_SESSION_TIMEOUT_MS` [10000], `KAFKA_HEARTBEAT_INTERVAL_MS` [1000]: consumer group liveness.
-//! - `KAFKA_LINGER_MS` [5]: producer batching delay; `KAFKA_MESSAGE_TIMEOUT_MS` [30000]: how long the
-//!   producer retries one batch before the outbox relay takes over again.
+//! - `KAFKA_LINGER_MS` [5]: producer batching delay; `KAFKA_MESSAGE_TIMEOUT_MS` [0 = never]: how long
+//!   the producer retries a message before giving it back to the outbox relay.
 //! - `EVENT_MAX_DATA_BYTES` [65536]: largest serialized `data` of an event (413 beyond).
 //! - `OUTBOX_BATCH_SIZE` [500], `OUTBOX_POLL_INTERVAL_MS` [100]: the api's outbox relay.
 //! - `WORKER_HTTP_PORT` [8081], `WORKER_CONCURRENCY` [16], `WORKER_MAX_RETRIES` [5],
@@ -86,7 +86,9 @@ pub struct KafkaConfig {
     pub heartbeat_interval: Duration,
     /// Producer `linger.ms`.
     pub linger: Duration,
-    /// Producer `message.timeout.ms`.
+    /// Producer `message.timeout.ms`; zero retries until delivered. Zero is the default because an
+    /// idempotent producer whose messages timed out must bump its epoch, and that recovery fails on
+    /// some brokers (tansu answers ProducerFenced from then on); retrying in librdkafka keeps order.
     pub message_timeout: Duration,
 }
 
@@ -289,7 +291,7 @@ impl Config {
                 session_timeout: env.millis("KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
                 heartbeat_interval: env.millis("KAFKA_HEARTBEAT_INTERVAL_MS", 1_000)?,
                 linger: env.millis("KAFKA_LINGER_MS", 5)?,
-                message_timeout: env.millis("KAFKA_MESSAGE_TIMEOUT_MS", 30_000)?,
+                message_timeout: env.millis("KAFKA_MESSAGE_TIMEOUT_MS", 0)?,
             },
             events: EventsConfig { max_data_bytes: env.parse("EVENT_MAX_DATA_BYTES", 65_536)? },
             outbox: OutboxConfig {

@@ -43,7 +43,7 @@ impl OutboxSignal {
 
 /// The relay task's inputs.
 pub struct Relay {
-    /// Kafka producer (shared with health checks).
+    /// Kafka producer; replaced after a failed batch (see [`Relay::run`]).
     pub producer: FutureProducer,
     /// Configuration.
     pub config: Config,
@@ -54,7 +54,7 @@ pub struct Relay {
 impl Relay {
     /// Runs until `stop` turns true; finishes the batch in flight (bounded by `SHUTDOWN_TIMEOUT`),
     /// then flushes the producer.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut leader: Option<AsyncPgConnection> = None;
         let mut backoff = Duration::from_millis(100);
         while !stopped(&stop) {
@@ -82,6 +82,13 @@ impl Relay {
                         messages.failed = failed,
                         "Kafka did not acknowledge every outbox message; will retry"
                     );
+                    // A producer that gave messages up (KAFKA_MESSAGE_TIMEOUT_MS) or hit a fatal error
+                    // may stay unusable; a fresh one is always accepted, and rows it resends are
+                    // deduplicated by the worker's idempotency.
+                    match common::kafka::producer_config(&self.config.kafka).create() {
+                        Ok(producer) => self.producer = producer,
+                        Err(err) => tracing::error!(error = %err, "could not recreate the Kafka producer"),
+                    }
                     wait(&mut stop, backoff, None).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -178,6 +185,9 @@ impl Relay {
                 .execute(conn)
                 .await
                 .map_err(BatchError::Database)?;
+        }
+        if let Some(Ok(Err((err, _)))) = results.iter().find(|result| matches!(result, Ok(Err(_)))) {
+            tracing::warn!(error = %err, fatal = ?self.producer.client().fatal_error(), "first delivery failure");
         }
         tracing::debug!(messages.delivered = delivered.len(), "outbox batch published");
         match queued - delivered.len() {

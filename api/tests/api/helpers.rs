@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use api::App;
 use common::config::Config;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -23,39 +22,7 @@ pub struct TestApp {
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
-/// Where the test services are; overridable with the app's own variables.
-fn service_defaults() -> Vec<(&'static str, String)> {
-    let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
-    vec![
-        ("DB_HOST", env("DB_HOST", "127.0.0.1")),
-        ("DB_PORT", env("DB_PORT", "5432")),
-        ("DB_USER", env("DB_USER", "postgres")),
-        ("DB_PASSWORD", env("DB_PASSWORD", "postgres")),
-        ("REDIS_HOST", env("REDIS_HOST", "127.0.0.1")),
-        ("REDIS_PORT", env("REDIS_PORT", "6379")),
-        ("SERVER_HOST", "127.0.0.1".to_owned()),
-        ("SERVER_PORT", "0".to_owned()),
-        ("DB_POOL_MIN_IDLE", "0".to_owned()),
-        ("DB_POOL_MAX_SIZE", "8".to_owned()),
-        ("KAFKA_BROKERS", env("KAFKA_BROKERS", "127.0.0.1:9092")),
-        ("KAFKA_TOPIC_PARTITIONS", "4".to_owned()),
-        ("KAFKA_SESSION_TIMEOUT_MS", "6000".to_owned()),
-        ("SHUTDOWN_TIMEOUT", "5".to_owned()),
-    ]
-}
-
-/// A new, empty database; returns its name. Test databases are dropped by `scripts/test` before a run.
-pub async fn create_database() -> String {
-    let name = format!("hlms_test_{}", Uuid::new_v4().simple());
-    let defaults: HashMap<_, _> = service_defaults().into_iter().collect();
-    let url = format!(
-        "host={} port={} user={} password={} dbname=postgres",
-        defaults["DB_HOST"], defaults["DB_PORT"], defaults["DB_USER"], defaults["DB_PASSWORD"]
-    );
-    let mut conn = AsyncPgConnection::establish(&url).await.expect("PostgreSQL is reachable");
-    diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create test database");
-    name
-}
+pub use testkit::{closed_port, create_database};
 
 /// An api with defaults for tests and a fresh database.
 pub async fn spawn_app() -> TestApp {
@@ -64,11 +31,8 @@ pub async fn spawn_app() -> TestApp {
 
 /// An api with some variables overridden.
 pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
-    let mut vars: HashMap<String, String> =
-        service_defaults().into_iter().map(|(name, value)| (name.to_owned(), value)).collect();
+    let mut vars = testkit::service_vars();
     vars.insert("DB_NAME".into(), create_database().await);
-    vars.insert("REDIS_KEY_PREFIX".into(), format!("test:{}:", Uuid::new_v4().simple()));
-    vars.insert("KAFKA_TOPIC".into(), format!("test-{}", Uuid::new_v4().simple()));
     for (name, value) in overrides {
         vars.insert((*name).to_owned(), (*value).to_owned());
     }
@@ -163,10 +127,4 @@ pub fn error_code(body: &Value) -> &str {
     assert!(body["error"].as_str().is_some_and(|message| !message.is_empty()), "error message in {body}");
     assert!(body["request_id"].as_str().is_some_and(|id| !id.is_empty()), "request_id in {body}");
     body["code"].as_str().expect("code")
-}
-
-/// A local port with nothing listening on it.
-pub fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
 }

@@ -178,7 +178,7 @@ async fn liveness_and_readiness() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_down_is_unready_but_alive() {
-    let port = crate::helpers::closed_port().to_string();
+    let port = testkit::closed_port().to_string();
     let app = spawn_app_with(&[("DB_PORT", &port), ("RUN_MIGRATIONS", "false"), ("DB_POOL_TIMEOUT_MS", "300")]).await;
     assert_eq!(app.get("/health/live").await.0, 200);
     assert_eq!(app.get("/health/ready").await.0, 503);

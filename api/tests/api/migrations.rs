@@ -2,7 +2,7 @@
 
 use diesel::QueryableByName;
 use diesel::sql_types::{Bool, Text};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 
 use crate::helpers::{create_database, spawn_app, spawn_app_with};
 
@@ -83,11 +83,7 @@ fn diesel_type(udt_name: &str) -> &str {
     }
 }
 
-async fn connect(database: &str) -> AsyncPgConnection {
-    AsyncPgConnection::establish(&format!("host=127.0.0.1 user=postgres password=postgres dbname={database}"))
-        .await
-        .unwrap()
-}
+use testkit::connect;
 
 /// Renders the migrated database the way `diesel print-schema` would, and compares it with
 /// `common/src/db/schema.rs`, so that neither can change without the other.

@@ -1,0 +1,191 @@
+//! The events API and stats, success and error cases (SPEC §2 "Events"), and the outbox rows they
+//! write (SPEC §3). The worker side is tested in `worker/tests`.
+
+use diesel::QueryableByName;
+use diesel::sql_types::{Nullable, Text};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, error_code, spawn_app, spawn_app_with, unique_email};
+
+async fn post_event(app: &TestApp, body: Value) -> (u16, Value) {
+    let response = app.client.post(app.url("/api/v1/events")).json(&body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[derive(QueryableByName, Debug)]
+struct OutboxEntry {
+    #[diesel(sql_type = Text)]
+    event_type: String,
+    #[diesel(sql_type = Text)]
+    payload: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    request_id: Option<String>,
+}
+
+async fn outbox_entries(app: &TestApp) -> Vec<OutboxEntry> {
+    let mut conn = AsyncPgConnection::establish(&app.config.database.connection_string("test")).await.unwrap();
+    diesel::sql_query("SELECT event_type, payload, request_id FROM outbox ORDER BY id").load(&mut conn).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_and_get_keep_data_exactly_as_sent() {
+    let app = spawn_app().await;
+    let user = app.create_user(&unique_email("ev")).await;
+    let user_id = user["id"].as_str().unwrap();
+    for data in [r#""{\"action\": \"login\"}""#, r#"{"z": 1,  "a": [true, null]}"#, "null", "1.50", "[]"] {
+        let body = format!(r#"{{"user_id":"{user_id}","type":"login","data":{data}}}"#);
+        let response = app
+            .client
+            .post(app.url("/api/v1/events"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "{data}");
+        let location = response.headers()["location"].to_str().unwrap().to_owned();
+        let text = response.text().await.unwrap();
+        assert!(text.contains(&format!(r#""data":{data}"#)), "data not byte-exact: {text}");
+        let created: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(created["status"], "pending");
+        assert_eq!(created["processed_at"], Value::Null);
+        assert_eq!(created["type"], "login");
+        let fetched = app.client.get(app.url(&location)).send().await.unwrap().text().await.unwrap();
+        assert_eq!(fetched, text, "GET returns what POST returned");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_errors() {
+    let app = spawn_app_with(&[("EVENT_MAX_DATA_BYTES", "32")]).await;
+    let user = app.create_user(&unique_email("ev-err")).await;
+    let user_id = user["id"].as_str().unwrap();
+
+    let (status, body) = post_event(&app, json!({"user_id": Uuid::new_v4(), "type": "t", "data": 1})).await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+
+    let (status, body) = post_event(&app, json!({"user_id": user_id, "type": "t", "data": "x".repeat(40)})).await;
+    assert_eq!((status, error_code(&body)), (413, "payload_too_large"));
+
+    let cases = [
+        (json!({}), vec!["user_id", "type", "data"]),
+        (json!({"user_id": "nope", "type": "t", "data": 1}), vec!["user_id"]),
+        (json!({"user_id": user_id, "type": "has space", "data": 1}), vec!["type"]),
+        (json!({"user_id": user_id, "type": "", "data": 1}), vec!["type"]),
+        (json!({"user_id": user_id, "type": "x".repeat(101), "data": 1}), vec!["type"]),
+        (json!({"user_id": user_id, "type": "user_deleted", "data": 1}), vec!["type"]),
+        (json!({"user_id": user_id, "type": 5, "data": 1}), vec!["type"]),
+        (json!({"user_id": user_id, "type": "t", "data": 1, "extra": 2}), vec!["extra"]),
+    ];
+    for (body, fields) in cases {
+        let (status, error) = post_event(&app, body.clone()).await;
+        assert_eq!((status, error_code(&error)), (400, "validation_failed"), "{body}");
+        let reported: Vec<_> =
+            error["details"].as_array().unwrap().iter().map(|d| d["field"].as_str().unwrap()).collect();
+        assert_eq!(reported, fields, "{body}");
+    }
+    let response = app.client.post(app.url("/api/v1/events")).body("{}").send().await.unwrap();
+    assert_eq!(response.status(), 415);
+
+    let (status, body) = app.get("/api/v1/events/xyz").await;
+    assert_eq!((status, error_code(&body)), (400, "invalid_id"));
+    let (status, body) = app.get(&format!("/api/v1/events/{}", Uuid::new_v4())).await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    assert!(
+        outbox_entries(&app).await.iter().all(|entry| entry.event_type == "user_created"),
+        "failed writes left no event"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_filters_by_user_and_type() {
+    let app = spawn_app().await;
+    let alice = app.create_user(&unique_email("alice")).await["id"].as_str().unwrap().to_owned();
+    let bob = app.create_user(&unique_email("bob")).await["id"].as_str().unwrap().to_owned();
+    for (user, event_type) in [(&alice, "login"), (&alice, "click"), (&bob, "login"), (&alice, "login")] {
+        assert_eq!(post_event(&app, json!({"user_id": user, "type": event_type, "data": {}})).await.0, 201);
+    }
+    let (_, all) = app.get("/api/v1/events").await;
+    assert_eq!(all["total"], 4);
+    let (_, page) = app.get(&format!("/api/v1/events?user_id={alice}&type=login&limit=1")).await;
+    assert_eq!((page["total"].clone(), page["limit"].clone()), (json!(2), json!(1)));
+    assert_eq!(page["events"].as_array().unwrap().len(), 1);
+    let (_, by_type) = app.get("/api/v1/events?type=click").await;
+    assert_eq!(by_type["total"], 1);
+    let (_, none) = app.get(&format!("/api/v1/events?user_id={}", Uuid::new_v4())).await;
+    assert_eq!(none, json!({"events": [], "total": 0, "page": 1, "limit": 10}));
+    let created: Vec<_> =
+        all["events"].as_array().unwrap().iter().map(|e| e["created_at"].as_str().unwrap().to_owned()).collect();
+    let mut sorted = created.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(created, sorted, "newest first");
+
+    for query in ["user_id=nope", "type=bad%20type", "page=0", "limit=500"] {
+        let (status, body) = app.get(&format!("/api/v1/events?{query}")).await;
+        assert_eq!((status, error_code(&body)), (400, "validation_failed"), "{query}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_for_a_user_without_processed_events_and_for_unknown_users() {
+    let app = spawn_app().await;
+    let user = app.create_user(&unique_email("stats")).await;
+    let user_id = user["id"].as_str().unwrap();
+    assert_eq!(post_event(&app, json!({"user_id": user_id, "type": "login", "data": 1})).await.0, 201);
+    let (status, stats) = app.get(&format!("/api/v1/users/{user_id}/stats")).await;
+    assert_eq!(status, 200);
+    assert_eq!(stats, json!({"user_id": user_id, "events_total": 0, "events_by_type": {}, "last_event_at": null}));
+    let (status, body) = app.get(&format!("/api/v1/users/{}/stats", Uuid::new_v4())).await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    let (status, body) = app.get("/api/v1/users/abc/stats/").await;
+    assert_eq!((status, error_code(&body)), (400, "invalid_id"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_write_puts_its_message_in_the_outbox_in_the_same_transaction() {
+    // A broker that does not exist: nothing is published, so the outbox keeps every row to inspect.
+    let port = testkit::closed_port().to_string();
+    let app = spawn_app_with(&[("KAFKA_BROKERS", &format!("127.0.0.1:{port}"))]).await;
+    let email = unique_email("outbox");
+    let user = app.create_user(&email).await;
+    let user_id = user["id"].as_str().unwrap();
+    let path = format!("/api/v1/users/{user_id}");
+    let response = app
+        .client
+        .post(app.url("/api/v1/events"))
+        .header("x-request-id", "req-outbox-1")
+        .json(&json!({"user_id": user_id, "type": "purchase", "data": {"sku": "x\"y"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "POST answers while Kafka is unreachable");
+    let event: Value = response.json().await.unwrap();
+    assert_eq!(app.put(&path, json!({"first_name": "Q\"uote"})).await.0, 200);
+    assert_eq!(app.put(&path, json!({"email": "bad"})).await.0, 400, "a rejected write adds nothing");
+    assert_eq!(app.delete(&path).await, 204);
+
+    let entries = outbox_entries(&app).await;
+    let types: Vec<_> = entries.iter().map(|entry| entry.event_type.as_str()).collect();
+    assert_eq!(types, ["user_created", "purchase", "user_updated", "user_deleted"]);
+
+    let purchase: Value = serde_json::from_str(&entries[1].payload).unwrap();
+    assert_eq!(entries[1].request_id.as_deref(), Some("req-outbox-1"));
+    assert_eq!(purchase["id"], event["id"]);
+    assert_eq!(purchase["user_id"], user_id);
+    assert_eq!(purchase["type"], "purchase");
+    assert_eq!(purchase["data"], json!({"sku": "x\"y"}));
+    assert_eq!(purchase["timestamp"], event["created_at"]);
+
+    let updated: Value = serde_json::from_str(&entries[2].payload).unwrap();
+    assert_eq!(updated["data"]["first_name"], "Q\"uote", "lifecycle data is the user's fields, escaped");
+    assert_eq!(updated["data"]["email"], email.as_str());
+
+    // The user's events went with the user.
+    let (status, _) = app.get(&format!("/api/v1/events/{}", event["id"].as_str().unwrap())).await;
+    assert_eq!(status, 404);
+    let (_, listed) = app.get(&format!("/api/v1/events?user_id={user_id}")).await;
+    assert_eq!(listed["total"], 0);
+}

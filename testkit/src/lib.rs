@@ -1,0 +1,100 @@
+//! Test support shared by the integration tests of `api` and `worker`: where the real services are,
+//! fresh databases, and a private tansu broker reachable through a proxy that can cut the network.
+
+#![expect(clippy::unwrap_used, reason = "test support: a panic is how a test reports failure")]
+
+mod broker;
+mod proxy;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+pub use broker::Broker;
+pub use proxy::FaultProxy;
+
+/// Variables that point an app at the local test services (each overridable from the environment).
+pub fn service_vars() -> HashMap<String, String> {
+    let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    [
+        ("DB_HOST", env("DB_HOST", "127.0.0.1")),
+        ("DB_PORT", env("DB_PORT", "5432")),
+        ("DB_USER", env("DB_USER", "postgres")),
+        ("DB_PASSWORD", env("DB_PASSWORD", "postgres")),
+        ("REDIS_HOST", env("REDIS_HOST", "127.0.0.1")),
+        ("REDIS_PORT", env("REDIS_PORT", "6379")),
+        ("KAFKA_BROKERS", env("KAFKA_BROKERS", "127.0.0.1:9092")),
+        ("SERVER_HOST", "127.0.0.1".to_owned()),
+        ("SERVER_PORT", "0".to_owned()),
+        ("WORKER_HTTP_PORT", "0".to_owned()),
+        ("DB_POOL_MIN_IDLE", "0".to_owned()),
+        ("DB_POOL_MAX_SIZE", "8".to_owned()),
+        ("KAFKA_TOPIC_PARTITIONS", "4".to_owned()),
+        ("KAFKA_SESSION_TIMEOUT_MS", "6000".to_owned()),
+        ("SHUTDOWN_TIMEOUT", "5".to_owned()),
+        ("REDIS_KEY_PREFIX", format!("test:{}:", unique())),
+        ("KAFKA_TOPIC", format!("test-{}", unique())),
+        ("KAFKA_GROUP_ID", format!("test-{}", unique())),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value))
+    .collect()
+}
+
+/// A short unique token for names.
+pub fn unique() -> String {
+    Uuid::new_v4().simple().to_string()
+}
+
+/// A libpq connection string to `database` on the test server.
+pub fn connection_string(database: &str) -> String {
+    let vars = service_vars();
+    format!(
+        "host={} port={} user={} password={} dbname={database}",
+        vars["DB_HOST"], vars["DB_PORT"], vars["DB_USER"], vars["DB_PASSWORD"]
+    )
+}
+
+/// Connects to a test database.
+pub async fn connect(database: &str) -> AsyncPgConnection {
+    AsyncPgConnection::establish(&connection_string(database)).await.unwrap()
+}
+
+/// A new, empty database (`hlms_test_*`, dropped by `scripts/test` before the next run).
+pub async fn create_database() -> String {
+    let name = format!("hlms_test_{}", unique());
+    let mut conn = connect("postgres").await;
+    diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+    name
+}
+
+/// A local port with nothing listening on it.
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// With `TEST_LOG` set (e.g. `TEST_LOG=info,worker=debug`), the app's logs go to the test output.
+pub fn init_test_logging() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
+}

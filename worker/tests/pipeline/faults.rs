@@ -1,0 +1,110 @@
+//! Crashes and outages: nothing acknowledged is lost, nothing is applied twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::helpers::Stack;
+
+/// Posts `per_user` events for each user, `concurrency` requests at a time; returns the expected
+/// per-user, per-type counts.
+async fn post_stream(stack: &Stack, users: &[String], per_user: usize) -> HashMap<(String, String), i64> {
+    let mut expected = HashMap::new();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = Vec::new();
+    for n in 0..per_user {
+        for user in users {
+            let event_type = format!("type{}", n % 4);
+            *expected.entry((user.clone(), event_type.clone())).or_insert(0) += 1;
+            let permit = Arc::clone(&semaphore).acquire_owned().await.unwrap();
+            let (client, url, user) = (stack.client.clone(), stack.url("/api/v1/events"), user.clone());
+            tasks.push(tokio::spawn(async move {
+                let body = serde_json::json!({"user_id": user, "type": event_type, "data": n});
+                let status = client.post(&url).json(&body).send().await.unwrap().status();
+                drop(permit);
+                assert_eq!(status, 201);
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    expected
+}
+
+async fn assert_counts_exact(stack: &Stack, expected: &HashMap<(String, String), i64>) {
+    let users: std::collections::HashSet<_> = expected.keys().map(|(user, _)| user.clone()).collect();
+    for user in users {
+        let stats: Value = stack.stats(&user).await;
+        for ((_, event_type), count) in expected.iter().filter(|((u, _), _)| *u == user) {
+            assert_eq!(stats["events_by_type"][event_type], *count, "user {user} type {event_type}: {stats}");
+        }
+    }
+    let total: i64 = expected.values().sum();
+    assert_eq!(stack.counted_total().await, total);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_stream_and_restarted_processes_every_event_exactly_once() {
+    let stack = Stack::start(&[]).await;
+    let mut users = Vec::new();
+    for _ in 0..20 {
+        users.push(stack.create_user().await);
+    }
+    let mut worker = stack.spawn_worker_process();
+    let expected = post_stream(&stack, &users, 150).await;
+    let total: i64 = expected.values().sum();
+    // Kill it in the middle: some events processed, some not.
+    testkit::eventually("the worker to be part-way through", Duration::from_secs(60), || async {
+        let pending = stack.pending_events().await;
+        (pending > 0 && pending < total).then_some(())
+    })
+    .await;
+    worker.start_kill().unwrap();
+    worker.wait().await.unwrap();
+    let pending_at_kill = stack.pending_events().await;
+    assert!(pending_at_kill > 0, "the kill came too late to test anything");
+
+    let mut restarted = stack.spawn_worker_process();
+    stack.wait_until_drained(Duration::from_secs(120)).await;
+    assert_counts_exact(&stack, &expected).await;
+    restarted.start_kill().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_kafka_unreachable_posts_stay_fast_and_nothing_is_lost() {
+    let stack = Stack::start(&[]).await;
+    let worker = stack.start_worker().await;
+    let mut users = Vec::new();
+    for _ in 0..5 {
+        users.push(stack.create_user().await);
+    }
+    stack.wait_until_drained(Duration::from_secs(60)).await;
+
+    stack.broker.proxy.cut();
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut expected: HashMap<(String, String), i64> = HashMap::new();
+    for n in 0..40 {
+        for user in &users {
+            let request_started = Instant::now();
+            let event_type = format!("t{}", n % 2);
+            let body = serde_json::json!({"user_id": user, "type": event_type, "data": n});
+            let response = stack.client.post(stack.url("/api/v1/events")).json(&body).send().await.unwrap();
+            assert_eq!(response.status(), 201);
+            slowest = slowest.max(request_started.elapsed());
+            *expected.entry((user.clone(), event_type)).or_insert(0) += 1;
+        }
+    }
+    assert!(slowest < Duration::from_millis(500), "a POST waited on Kafka: {slowest:?}");
+    // Stay cut a while: the producer keeps its messages queued and retries; nothing is dropped.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(started.elapsed())).await;
+    assert!(stack.pending_events().await > 0, "events cannot be processed while Kafka is unreachable");
+
+    stack.broker.proxy.restore();
+    stack.wait_until_drained(Duration::from_secs(120)).await;
+    assert_counts_exact(&stack, &expected).await;
+    worker.stop().await;
+}

@@ -1,0 +1,203 @@
+//! A whole stack per test: fresh database, private broker, in-process api, workers on demand.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::config::Config;
+use diesel::QueryableByName;
+use diesel::sql_types::BigInt;
+use diesel_async::RunQueryDsl;
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use serde_json::{Value, json};
+use testkit::Broker;
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A database, a broker and a running api.
+pub struct Stack {
+    pub broker: Broker,
+    pub vars: HashMap<String, String>,
+    pub config: Config,
+    pub api: SocketAddr,
+    pub client: reqwest::Client,
+    _api_stop: oneshot::Sender<()>,
+}
+
+/// An in-process worker.
+pub struct WorkerHandle {
+    pub http: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl WorkerHandle {
+    /// Graceful stop (as on SIGTERM); waits until the worker has committed and left its group.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.task).await.unwrap().unwrap().unwrap();
+    }
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    count: i64,
+}
+
+impl Stack {
+    pub async fn start(overrides: &[(&str, &str)]) -> Self {
+        testkit::init_test_logging();
+        let broker = Broker::start().await;
+        let mut vars = testkit::service_vars();
+        vars.insert("DB_NAME".into(), testkit::create_database().await);
+        vars.insert("KAFKA_BROKERS".into(), broker.bootstrap());
+        vars.insert("OUTBOX_POLL_INTERVAL_MS".into(), "50".into());
+        vars.insert("WORKER_RETRY_BACKOFF_MS".into(), "20".into());
+        for (name, value) in overrides {
+            vars.insert((*name).into(), (*value).into());
+        }
+        let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
+        // Topics first, as the worker would: a consumer subscribing to a missing topic gets nothing.
+        common::kafka::ensure_topics(&config.kafka).await.unwrap();
+        let app = api::App::build(config.clone()).await.unwrap();
+        let api = app.local_addr().unwrap();
+        let (api_stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        Self { broker, vars, config, api, client, _api_stop: api_stop }
+    }
+
+    pub async fn start_worker(&self) -> WorkerHandle {
+        let worker = worker::Worker::build(self.config.clone()).await.unwrap();
+        let http = worker.http_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(worker.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        WorkerHandle { http, stop: Some(stop), task }
+    }
+
+    /// The worker binary as a child process (for kill -9).
+    pub fn spawn_worker_process(&self) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_worker"))
+            .env_clear()
+            .envs(&self.vars)
+            .env("LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.api, path)
+    }
+
+    pub async fn create_user(&self) -> String {
+        let response = self
+            .client
+            .post(self.url("/api/v1/users"))
+            .json(&json!({"email": format!("{}@example.com", testkit::unique()), "first_name": "E", "last_name": "T"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn post_event(&self, user_id: &str, event_type: &str) -> Value {
+        let response = self
+            .client
+            .post(self.url("/api/v1/events"))
+            .json(&json!({"user_id": user_id, "type": event_type, "data": {"n": 1}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        response.json().await.unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        self.client.get(self.url(path)).send().await.unwrap().json().await.unwrap()
+    }
+
+    pub async fn stats(&self, user_id: &str) -> Value {
+        self.get(&format!("/api/v1/users/{user_id}/stats")).await
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        let mut conn = testkit::connect(&self.config.database.name).await;
+        diesel::sql_query(sql).get_result::<Count>(&mut conn).await.unwrap().count
+    }
+
+    /// Events not yet processed.
+    pub async fn pending_events(&self) -> i64 {
+        self.count("SELECT count(*) AS count FROM events WHERE status = 'pending'").await
+    }
+
+    /// Waits until every event is processed (or failed) and the outbox is empty.
+    pub async fn wait_until_drained(&self, timeout: Duration) {
+        testkit::eventually("every event processed and the outbox drained", timeout, || async {
+            let outbox = self.count("SELECT count(*) AS count FROM outbox").await;
+            (outbox == 0 && self.pending_events().await == 0).then_some(())
+        })
+        .await;
+    }
+
+    /// Sum of every user's processed counters.
+    pub async fn counted_total(&self) -> i64 {
+        self.count("SELECT coalesce(sum(count), 0)::bigint AS count FROM user_event_stats").await
+    }
+
+    /// A consumer of `topic` in a group of its own, from the beginning.
+    pub fn reader(&self, topic: &str) -> StreamConsumer {
+        let mut config = common::kafka::client_config(&self.config.kafka);
+        config
+            .set("group.id", format!("reader-{}", testkit::unique()))
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000");
+        let consumer: StreamConsumer = config.create().unwrap();
+        consumer.subscribe(&[topic]).unwrap();
+        consumer
+    }
+}
+
+/// Reads until `wanted` matches a message, or panics after `timeout`.
+pub async fn read_until(
+    consumer: &StreamConsumer,
+    timeout: Duration,
+    wanted: impl Fn(&OwnedMessage) -> bool,
+) -> OwnedMessage {
+    tokio::time::timeout(timeout, async {
+        loop {
+            let message = consumer.recv().await.unwrap().detach();
+            if wanted(&message) {
+                return message;
+            }
+        }
+    })
+    .await
+    .expect("the wanted message arrived")
+}
+
+/// A message header as text.
+pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    message
+        .headers()?
+        .iter()
+        .find(|header| header.key == name)
+        .and_then(|header| header.value)
+        .map(|value| String::from_utf8_lossy(value).into_owned())
+}
