@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helpers::Stack;
+use crate::helpers::{ApiHandle, Stack};
 
 async fn assigned(client: &reqwest::Client, worker: std::net::SocketAddr) -> bool {
     let ready: Value = client.get(format!("http://{worker}/health/ready")).send().await.unwrap().json().await.unwrap();
@@ -46,4 +46,52 @@ async fn two_workers_share_the_partitions_and_one_takes_over_when_the_other_stop
         assert_eq!(stats["events_by_type"], serde_json::json!({"before": 10, "after": 10}), "{user}");
     }
     second.stop().await;
+}
+
+/// Several api replicas write; one publishes at a time, and when it stops another takes over.
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_rows_of_every_api_replica_are_published_and_publishing_fails_over() {
+    let mut stack = Stack::start(&[]).await;
+    let worker = stack.start_worker().await;
+    // The primary replica started alone, so it holds the publisher lock; two more join.
+    let second = ApiHandle::start(stack.config.clone()).await;
+    let third = ApiHandle::start(stack.config.clone()).await;
+    let user = stack.create_user().await;
+    let client = stack.client.clone();
+    let post = |replica: std::net::SocketAddr, event_type: &'static str| {
+        let client = client.clone();
+        let user = user.clone();
+        async move {
+            let body = serde_json::json!({"user_id": user, "type": event_type, "data": 1});
+            let response = client.post(format!("http://{replica}/api/v1/events")).json(&body).send().await.unwrap();
+            assert_eq!(response.status(), 201);
+        }
+    };
+    for _ in 0..10 {
+        post(stack.api, "first").await;
+        post(second.address, "second").await;
+        post(third.address, "third").await;
+    }
+    stack.wait_until_drained(Duration::from_secs(60)).await;
+
+    // The publisher stops; one of the others takes the lock over and publishes what they write.
+    stack.stop_primary_api().await;
+    for _ in 0..10 {
+        post(second.address, "second").await;
+        post(third.address, "third").await;
+    }
+    stack.wait_until_drained(Duration::from_secs(60)).await;
+    let stats: serde_json::Value = stack
+        .client
+        .get(format!("http://{}/api/v1/users/{user}/stats", third.address))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["events_by_type"], serde_json::json!({"first": 10, "second": 20, "third": 20}));
+    second.stop().await;
+    third.stop().await;
+    worker.stop().await;
 }

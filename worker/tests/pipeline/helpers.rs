@@ -25,7 +25,35 @@ pub struct Stack {
     pub config: Config,
     pub api: SocketAddr,
     pub client: reqwest::Client,
-    _api_stop: oneshot::Sender<()>,
+    primary: Option<ApiHandle>,
+}
+
+/// An in-process api replica.
+pub struct ApiHandle {
+    pub address: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl ApiHandle {
+    /// Starts a replica on the stack's database and broker.
+    pub async fn start(config: Config) -> Self {
+        let app = api::App::build(config).await.unwrap();
+        let address = app.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        Self { address, stop: Some(stop), task }
+    }
+
+    /// Graceful stop (as on SIGTERM).
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.task).await.unwrap().unwrap().unwrap();
+    }
 }
 
 /// An in-process worker.
@@ -66,14 +94,14 @@ impl Stack {
         let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
         // Topics first, as the worker would: a consumer subscribing to a missing topic gets nothing.
         common::kafka::ensure_topics(&config.kafka).await.unwrap();
-        let app = api::App::build(config.clone()).await.unwrap();
-        let api = app.local_addr().unwrap();
-        let (api_stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(app.run_until_stopped(async {
-            let _ = stopped.await;
-        }));
+        let api = ApiHandle::start(config.clone()).await;
         let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-        Self { broker, vars, config, api, client, _api_stop: api_stop }
+        Self { broker, vars, config, api: api.address, client, primary: Some(api) }
+    }
+
+    /// Stops the first api replica (the one started with the stack, which took the publisher lock).
+    pub async fn stop_primary_api(&mut self) {
+        self.primary.take().expect("primary api running").stop().await;
     }
 
     pub async fn start_worker(&self) -> WorkerHandle {
