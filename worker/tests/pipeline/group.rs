@@ -81,7 +81,7 @@ async fn outbox_rows_of_every_api_replica_are_published_and_publishing_fails_ove
         post(third.address, "third").await;
     }
     stack.wait_until_drained(Duration::from_secs(60)).await;
-    let stats: serde_json::Value = stack
+    let stats: Value = stack
         .client
         .get(format!("http://{}/api/v1/users/{user}/stats", third.address))
         .send()
