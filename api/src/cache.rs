@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
 use common::config::RedisConfig;
+use prometheus::IntCounterVec;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Script};
 use uuid::Uuid;
 
@@ -65,11 +66,13 @@ struct Inner {
     reads_paused_until_ms: AtomicU64,
     /// Users whose latest write has not reached Redis yet.
     pending_writes: Mutex<HashSet<Uuid>>,
+    /// `cache_operations_total{operation, result}`.
+    operations: IntCounterVec,
 }
 
 impl UserCache {
     /// A cache over Redis, or a cache that always misses when `CACHE_TTL` is 0.
-    pub fn new(config: &RedisConfig) -> anyhow::Result<Self> {
+    pub fn new(config: &RedisConfig, operations: IntCounterVec) -> anyhow::Result<Self> {
         let Some(ttl) = config.cache_ttl else {
             return Ok(Self(None));
         };
@@ -89,6 +92,7 @@ impl UserCache {
             started: Instant::now(),
             reads_paused_until_ms: AtomicU64::new(0),
             pending_writes: Mutex::new(HashSet::new()),
+            operations,
         }))))
     }
 
@@ -96,6 +100,7 @@ impl UserCache {
     pub async fn get(&self, id: Uuid) -> Lookup {
         let Some(inner) = &self.0 else { return Lookup::Miss };
         if inner.reads_paused() || inner.is_pending(id) {
+            inner.count("get", "skipped");
             return Lookup::Miss;
         }
         let key = inner.key(id);
@@ -106,9 +111,16 @@ impl UserCache {
             })
             .await;
         match result {
-            Ok(Some(entry)) => decode(Bytes::from(entry)),
-            Ok(None) => Lookup::Miss,
+            Ok(Some(entry)) => {
+                inner.count("get", "hit");
+                decode(Bytes::from(entry))
+            }
+            Ok(None) => {
+                inner.count("get", "miss");
+                Lookup::Miss
+            }
             Err(err) => {
+                inner.count("get", "error");
                 tracing::warn!(error = %err, "cache read failed; serving from PostgreSQL");
                 inner.pause_reads();
                 Lookup::Miss
@@ -131,6 +143,7 @@ impl UserCache {
                 return;
             }
             if let Err(err) = inner.compare_and_set(id, version, &body).await {
+                inner.count("fill", "error");
                 tracing::warn!(error = %err, "cache fill failed");
                 inner.pause_reads();
             }
@@ -151,6 +164,7 @@ impl UserCache {
     async fn write(&self, id: Uuid, version: i64, body: Bytes) {
         let Some(inner) = &self.0 else { return };
         if let Err(err) = inner.compare_and_set(id, version, &body).await {
+            inner.count("write", "error");
             tracing::warn!(error = %err, "cache update after a write failed; retrying in the background");
             inner.retry_in_background(id, version, body);
         }
@@ -175,6 +189,10 @@ impl UserCache {
 }
 
 impl Inner {
+    fn count(&self, operation: &str, result: &str) {
+        self.operations.with_label_values(&[operation, result]).inc();
+    }
+
     fn key(&self, id: Uuid) -> String {
         format!("{}user:{}", self.key_prefix, id)
     }

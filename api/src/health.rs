@@ -61,6 +61,26 @@ async fn check_postgres(state: &AppState) -> Result<(), String> {
     tokio::time::timeout(CHECK_TIMEOUT, check).await.unwrap_or_else(|_| Err("timed out".into()))
 }
 
+/// `GET /metrics`: Prometheus text. Pool state and the outbox backlog are sampled now.
+pub async fn metrics(state: &AppState) -> HttpResponse {
+    state.metrics.sample_pool(&state.db, state.config.database.pool_max_size.get());
+    let backlog = async {
+        let mut conn = state.db.get().await.ok()?;
+        diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::BigInt>("(SELECT count(*) FROM outbox)"))
+            .get_result::<i64>(&mut conn)
+            .await
+            .ok()
+    };
+    if let Ok(Some(backlog)) = tokio::time::timeout(CHECK_TIMEOUT / 2, backlog).await {
+        state.metrics.outbox_backlog.set(backlog);
+    }
+    let mut response = response::text(StatusCode::OK, common::metrics::encode(&state.metrics.registry));
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(common::metrics::CONTENT_TYPE));
+    response
+}
+
 /// Asks a broker for the events topic's metadata (librdkafka's call blocks, so it runs off the runtime).
 async fn check_kafka(state: &AppState) -> Result<(), String> {
     let producer = state.producer.clone();

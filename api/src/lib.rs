@@ -3,7 +3,7 @@
 //! - [`App`]: builds state from [`Config`], binds the listener, serves until told to stop.
 //! - [`server`]: accept loop and graceful drain; [`service`]: one request end to end;
 //!   [`routes`]: the route table.
-//! - [`users`]: the users resource; [`events`]: events and per-user stats; [`health`]: probes.
+//! - [`metrics`]: Prometheus metrics; [`users`]: the users resource; [`events`]: events and per-user stats; [`health`]: probes.
 //! - [`outbox`]: the transactional outbox and the relay that publishes it to Kafka.
 //! - [`db`]: pool, migrations, database error mapping; [`cache`]: the Redis user cache.
 //! - [`http`]: body/query parsing, responses and the one error type.
@@ -13,6 +13,7 @@ pub mod db;
 pub mod events;
 pub mod health;
 pub mod http;
+pub mod metrics;
 pub mod outbox;
 pub mod routes;
 pub mod server;
@@ -47,7 +48,8 @@ impl App {
             db::migrate(&config.database).await?;
         }
         let routes = Routes::new().context("invalid route table")?;
-        let cache = UserCache::new(&config.redis).context("invalid Redis configuration")?;
+        let metrics = std::sync::Arc::new(metrics::ApiMetrics::new());
+        let cache = UserCache::new(&config.redis, metrics.cache.clone()).context("invalid Redis configuration")?;
         let db = db::pool(&config.database);
         let producer: FutureProducer =
             common::kafka::producer_config(&config.kafka).create().context("invalid Kafka producer configuration")?;
@@ -61,7 +63,7 @@ impl App {
         let listener = TcpListener::bind(config.server.addr)
             .await
             .with_context(|| format!("failed to listen on {}", config.server.addr))?;
-        let state = AppState::new(db, cache, routes, config, producer, OutboxSignal::default());
+        let state = AppState::new(db, cache, routes, config, producer, OutboxSignal::default(), metrics);
         Ok(Self { listener, state })
     }
 
@@ -80,6 +82,7 @@ impl App {
                 .context("invalid Kafka producer configuration")?,
             config: self.state.config.clone(),
             signal: self.state.outbox_signal.clone(),
+            metrics: self.state.metrics.clone(),
         };
         let relay = tokio::spawn(relay.run(relay_stopped));
         server::serve(self.listener, self.state, shutdown).await;

@@ -11,6 +11,8 @@ pub enum Endpoint {
     HealthReady,
     /// `GET /health`
     Health,
+    /// `GET /metrics`
+    Metrics,
     /// `GET /api/v1/users`
     ListUsers,
     /// `POST /api/v1/users`
@@ -36,6 +38,7 @@ const TABLE: &[(&str, &[(&str, Endpoint)])] = &[
     ("/health/live", &[("GET", Endpoint::HealthLive)]),
     ("/health/ready", &[("GET", Endpoint::HealthReady)]),
     ("/health", &[("GET", Endpoint::Health)]),
+    ("/metrics", &[("GET", Endpoint::Metrics)]),
     ("/api/v1/users", &[("GET", Endpoint::ListUsers), ("POST", Endpoint::CreateUser)]),
     (
         "/api/v1/users/{id}",

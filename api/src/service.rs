@@ -35,18 +35,32 @@ pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse
     };
     let span = tracing::info_span!("request", request_id = %request_id, http.method = %method, http.route = template);
     async {
-        let deadline = state.config.server.request_timeout;
-        let result = match tokio::time::timeout(deadline, dispatch(&state, &request_id, route, request)).await {
-            Ok(result) => result,
-            Err(_) => Err(ApiError::Timeout),
+        // Probes and scrapes are never refused: an overloaded pod is alive, and operators need its metrics.
+        let exempt = template.starts_with("/health") || template == "/metrics";
+        let permit = if exempt { None } else { state.in_flight.try_acquire().ok() };
+        let result = if permit.is_none() && !exempt {
+            state.metrics.http_rejected.inc();
+            Err(ApiError::Overloaded)
+        } else {
+            state.metrics.http_in_flight.inc();
+            let deadline = state.config.server.request_timeout;
+            let result = match tokio::time::timeout(deadline, dispatch(&state, &request_id, route, request)).await {
+                Ok(result) => result,
+                Err(_) => Err(ApiError::Timeout),
+            };
+            state.metrics.http_in_flight.dec();
+            result
         };
+        drop(permit);
         let mut response = result.unwrap_or_else(|err| err.into_response(&request_id));
         if let Ok(value) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
+        let elapsed = started.elapsed();
+        state.metrics.observe_request(template, method.as_str(), response.status().as_u16(), elapsed);
         tracing::info!(
             http.status = response.status().as_u16(),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request completed"
         );
         response
@@ -71,6 +85,7 @@ async fn dispatch(
         Endpoint::HealthLive => Ok(health::live()),
         Endpoint::HealthReady => Ok(health::ready(state).await),
         Endpoint::Health => Ok(health::report(state).await),
+        Endpoint::Metrics => Ok(health::metrics(state).await),
         Endpoint::ListUsers => users::list(state, Pagination::from_query(parts.uri.query())?).await,
         Endpoint::CreateUser => users::create(state, request_id, read_json(&parts.headers, body).await?).await,
         Endpoint::GetUser => users::get(state, parse_id(id)?).await,

@@ -4,10 +4,13 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio::sync::Semaphore;
+
 use common::config::Config;
 
 use crate::cache::UserCache;
 use crate::db::DbPool;
+use crate::metrics::ApiMetrics;
 use crate::outbox::relay::OutboxSignal;
 use crate::routes::Routes;
 
@@ -29,6 +32,10 @@ pub struct Inner {
     pub producer: rdkafka::producer::FutureProducer,
     /// Wakes the outbox relay after a commit.
     pub outbox_signal: OutboxSignal,
+    /// Prometheus metrics.
+    pub metrics: Arc<ApiMetrics>,
+    /// One permit per request that may be in flight (`MAX_INFLIGHT_REQUESTS`).
+    pub in_flight: Semaphore,
     shutting_down: AtomicBool,
 }
 
@@ -41,8 +48,12 @@ impl AppState {
         config: Config,
         producer: rdkafka::producer::FutureProducer,
         outbox_signal: OutboxSignal,
+        metrics: Arc<ApiMetrics>,
     ) -> Self {
+        let in_flight = Semaphore::new(config.server.max_inflight_requests);
         Self(Arc::new(Inner {
+            metrics,
+            in_flight,
             db,
             cache,
             routes,

@@ -5,6 +5,7 @@
 //! - `HTTP_HEADER_READ_TIMEOUT` [5]: a client must send its request headers within this.
 //! - `REQUEST_TIMEOUT` [10]: a request (body included) must be answered within this, else 503.
 //! - `SHUTDOWN_TIMEOUT` [20]: how long in-flight work may drain after SIGTERM/SIGINT.
+//! - `MAX_INFLIGHT_REQUESTS` [1024]: requests served at once; beyond, 503 + `Retry-After`.
 //! - `DB_HOST` [localhost], `DB_PORT` [5432], `DB_USER` [postgres], `DB_PASSWORD` [postgres],
 //!   `DB_NAME` [highload_db], `DB_SSLMODE` [disable]: PostgreSQL.
 //! - `DB_POOL_MAX_SIZE` [16], `DB_POOL_MIN_IDLE` [2]: connection pool bounds.
@@ -141,6 +142,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// Deadline for draining in-flight work at shutdown.
     pub shutdown_timeout: Duration,
+    /// Requests served at once; more are refused with 503.
+    pub max_inflight_requests: usize,
 }
 
 /// PostgreSQL settings.
@@ -249,6 +252,9 @@ impl Config {
                 header_read_timeout: env.seconds("HTTP_HEADER_READ_TIMEOUT", 5)?,
                 request_timeout: env.seconds("REQUEST_TIMEOUT", 10)?,
                 shutdown_timeout: env.seconds("SHUTDOWN_TIMEOUT", 20)?,
+                max_inflight_requests: env
+                    .parse::<NonZeroU32>("MAX_INFLIGHT_REQUESTS", NonZeroU32::new(1024).expect("non-zero"))?
+                    .get() as usize,
             },
             database: DatabaseConfig {
                 host: env.string("DB_HOST", "localhost"),

@@ -4,12 +4,13 @@
 //! - [`db`]: the diesel schema (mirrors `migrations/`) and the row models read from it.
 //! - [`wire`]: the JSON shapes that cross a process boundary (HTTP bodies).
 //! - [`kafka`]: the message on the events topic, client settings, topic creation.
-//! - [`pool`]: the PostgreSQL connection pool both binaries use.
+//! - [`pool`]: the PostgreSQL connection pool both binaries use; [`metrics`]: Prometheus plumbing.
 //! - [`telemetry`]: log subscriber; [`shutdown`]: termination signals.
 
 pub mod config;
 pub mod db;
 pub mod kafka;
+pub mod metrics;
 pub mod pool;
 pub mod shutdown;
 pub mod telemetry;

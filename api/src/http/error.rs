@@ -45,6 +45,9 @@ pub enum ApiError {
     /// A dependency the request needs is unavailable; the client may retry.
     #[error("service temporarily unavailable")]
     Unavailable(#[source] anyhow::Error),
+    /// `MAX_INFLIGHT_REQUESTS` requests are already being served.
+    #[error("server is overloaded; retry shortly")]
+    Overloaded,
     /// The request took longer than `REQUEST_TIMEOUT`.
     #[error("request timed out")]
     Timeout,
@@ -75,7 +78,7 @@ impl ApiError {
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Unavailable(_) | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Timeout | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -91,6 +94,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Unavailable(_) => "service_unavailable",
             Self::Timeout => "request_timeout",
+            Self::Overloaded => "overloaded",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -121,7 +125,7 @@ impl ApiError {
                     headers.insert(header::ALLOW, allow);
                 }
             }
-            Self::Unavailable(_) | Self::Timeout => {
+            Self::Unavailable(_) | Self::Timeout | Self::Overloaded => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
             }
             _ => {}

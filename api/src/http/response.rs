@@ -24,6 +24,13 @@ pub fn json_bytes(status: StatusCode, body: Bytes) -> HttpResponse {
     response
 }
 
+/// A plain-text response (the caller sets the exact content type).
+pub fn text(status: StatusCode, body: String) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
 /// A response with no body (204).
 pub fn no_content() -> HttpResponse {
     let mut response = Response::new(Full::new(Bytes::new()));

@@ -49,6 +49,8 @@ pub struct Relay {
     pub config: Config,
     /// Woken by local commits.
     pub signal: OutboxSignal,
+    /// Published/failed counters.
+    pub metrics: Arc<crate::metrics::ApiMetrics>,
 }
 
 impl Relay {
@@ -189,6 +191,8 @@ impl Relay {
         if let Some(Ok(Err((err, _)))) = results.iter().find(|result| matches!(result, Ok(Err(_)))) {
             tracing::warn!(error = %err, fatal = ?self.producer.client().fatal_error(), "first delivery failure");
         }
+        self.metrics.outbox_published.inc_by(delivered.len() as u64);
+        self.metrics.outbox_failed.inc_by((queued - delivered.len()) as u64);
         tracing::debug!(messages.delivered = delivered.len(), "outbox batch published");
         match queued - delivered.len() {
             0 => Ok(delivered.len()),

@@ -15,7 +15,7 @@ use crate::helpers::{closed_port, spawn_app, spawn_app_with, spawn_replica, uniq
 #[tokio::test(flavor = "multi_thread")]
 async fn an_older_version_never_replaces_a_newer_entry_or_tombstone() {
     let app = spawn_app().await;
-    let cache = UserCache::new(&app.config.redis).unwrap();
+    let cache = UserCache::new(&app.config.redis, api::metrics::ApiMetrics::new().cache.clone()).unwrap();
     let id = Uuid::new_v4();
     cache.store(id, 2, Bytes::from_static(b"{\"v\":2}")).await;
     cache.store(id, 1, Bytes::from_static(b"{\"v\":1}")).await;

@@ -8,5 +8,6 @@ mod events;
 mod helpers;
 mod http;
 mod migrations;
+mod operability;
 mod shutdown;
 mod users;

@@ -1,0 +1,155 @@
+//! The api's Prometheus metrics (SPEC §6), labelled by route *template* and status class only, so
+//! label cardinality stays fixed whatever paths clients send.
+
+use std::time::Duration;
+
+use common::metrics::{LATENCY_BUCKETS, register};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::db::DbPool;
+
+/// Every metric the api exports.
+pub struct ApiMetrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Requests by route template, method and status class.
+    pub http_requests: IntCounterVec,
+    /// Request latency by route template and method.
+    pub http_duration: HistogramVec,
+    /// Requests being served.
+    pub http_in_flight: IntGauge,
+    /// Requests refused with 503 because `MAX_INFLIGHT_REQUESTS` were in flight.
+    pub http_rejected: IntCounter,
+    /// Cache lookups and writes by operation and result.
+    pub cache: IntCounterVec,
+    /// Outbox rows waiting to be published (sampled at scrape time).
+    pub outbox_backlog: IntGauge,
+    /// Messages Kafka acknowledged.
+    pub outbox_published: IntCounter,
+    /// Messages Kafka did not acknowledge (retried).
+    pub outbox_failed: IntCounter,
+    db_connections: IntGaugeVec,
+    db_max_connections: IntGauge,
+    db_waits: IntCounter,
+    db_timeouts: IntCounter,
+    db_wait_seconds: prometheus::Counter,
+}
+
+impl ApiMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = common::metrics::registry();
+        let r = &registry;
+        Self {
+            http_requests: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new("http_requests_total", "HTTP requests by route template, method and status class"),
+                    &["route", "method", "status"],
+                )
+                .expect("valid"),
+            ),
+            http_duration: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new("http_request_duration_seconds", "HTTP request latency")
+                        .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["route", "method"],
+                )
+                .expect("valid"),
+            ),
+            http_in_flight: register(
+                r,
+                IntGauge::new("http_requests_in_flight", "Requests being served").expect("valid"),
+            ),
+            http_rejected: register(
+                r,
+                IntCounter::new(
+                    "http_requests_rejected_total",
+                    "Requests refused because MAX_INFLIGHT_REQUESTS were in flight",
+                )
+                .expect("valid"),
+            ),
+            cache: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new("cache_operations_total", "User cache operations by operation and result"),
+                    &["operation", "result"],
+                )
+                .expect("valid"),
+            ),
+            outbox_backlog: register(
+                r,
+                IntGauge::new("outbox_backlog", "Outbox rows not yet published (sampled at scrape)").expect("valid"),
+            ),
+            outbox_published: register(
+                r,
+                IntCounter::new("outbox_published_total", "Outbox messages acknowledged by Kafka").expect("valid"),
+            ),
+            outbox_failed: register(
+                r,
+                IntCounter::new("outbox_publish_failures_total", "Outbox messages Kafka did not acknowledge (retried)")
+                    .expect("valid"),
+            ),
+            db_connections: register(
+                r,
+                IntGaugeVec::new(Opts::new("db_pool_connections", "PostgreSQL pool connections by state"), &["state"])
+                    .expect("valid"),
+            ),
+            db_max_connections: register(
+                r,
+                IntGauge::new("db_pool_max_connections", "PostgreSQL pool size limit").expect("valid"),
+            ),
+            db_waits: register(
+                r,
+                IntCounter::new("db_pool_waits_total", "Checkouts that had to wait for a connection").expect("valid"),
+            ),
+            db_timeouts: register(
+                r,
+                IntCounter::new("db_pool_timeouts_total", "Checkouts that timed out (answered 503)").expect("valid"),
+            ),
+            db_wait_seconds: register(
+                r,
+                prometheus::Counter::new("db_pool_wait_seconds_total", "Time spent waiting for connections")
+                    .expect("valid"),
+            ),
+            registry,
+        }
+    }
+
+    /// Records one finished request.
+    pub fn observe_request(&self, route: &str, method: &str, status: u16, duration: Duration) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.http_requests.with_label_values(&[route, method, class]).inc();
+        self.http_duration.with_label_values(&[route, method]).observe(duration.as_secs_f64());
+    }
+
+    /// Copies the pool's state and counters into the gauges (called at scrape time).
+    pub fn sample_pool(&self, pool: &DbPool, max_size: u32) {
+        let state = pool.state();
+        let idle = i64::from(state.idle_connections);
+        self.db_connections.with_label_values(&["idle"]).set(idle);
+        self.db_connections.with_label_values(&["active"]).set(i64::from(state.connections) - idle);
+        self.db_max_connections.set(i64::from(max_size));
+        let stats = state.statistics;
+        // bb8 keeps cumulative counts; the counters catch up to them.
+        self.db_waits.inc_by(stats.get_waited.saturating_sub(self.db_waits.get()));
+        self.db_timeouts.inc_by(stats.get_timed_out.saturating_sub(self.db_timeouts.get()));
+        let waited = stats.get_wait_time.as_secs_f64() - self.db_wait_seconds.get();
+        if waited > 0.0 {
+            self.db_wait_seconds.inc_by(waited);
+        }
+    }
+}
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,65 @@
+//! Metrics, overload protection and what logs may not contain (SPEC §6).
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::helpers::{error_code, spawn_app, spawn_app_with, unique_email};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_prometheus_text_labelled_by_route_template() {
+    let app = spawn_app().await;
+    let user = app.create_user(&unique_email("metrics")).await;
+    let path = format!("/api/v1/users/{}", user["id"].as_str().unwrap());
+    app.get(&path).await;
+    app.get(&path).await;
+    app.get("/api/v1/users/not-a-uuid").await;
+    let response = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    let text = response.text().await.unwrap();
+    for needle in [
+        r#"http_requests_total{method="GET",route="/api/v1/users/{id}",status="2xx"} 2"#,
+        r#"http_requests_total{method="GET",route="/api/v1/users/{id}",status="4xx"} 1"#,
+        r#"http_requests_total{method="POST",route="/api/v1/users",status="2xx"} 1"#,
+        r#"http_request_duration_seconds_bucket{method="GET",route="/api/v1/users/{id}",le="0.005"}"#,
+        "http_requests_in_flight",
+        r#"cache_operations_total{operation="get",result="hit"}"#,
+        r#"db_pool_connections{state="idle"}"#,
+        "db_pool_max_connections 8",
+        "db_pool_waits_total",
+        "outbox_backlog",
+        "outbox_published_total",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    assert!(!text.contains(user["id"].as_str().unwrap()), "raw paths must not become labels");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn beyond_max_inflight_requests_the_answer_is_503_with_retry_after() {
+    let app = spawn_app_with(&[("MAX_INFLIGHT_REQUESTS", "1"), ("REQUEST_TIMEOUT", "5")]).await;
+    // Occupy the only slot with a request whose body never completes.
+    let mut stream = TcpStream::connect(app.address).await.unwrap();
+    let head =
+        "POST /api/v1/users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let response = app.client.get(app.url("/api/v1/users")).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(error_code(&response.json().await.unwrap()), "overloaded");
+    // Probes are never refused.
+    assert_eq!(app.get("/health/live").await.0, 200);
+    assert_eq!(app.get("/health/ready").await.0, 200);
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("http_requests_rejected_total 1"), "{metrics}");
+
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.get("/api/v1/users").await.0, 200, "the slot is free again");
+}
