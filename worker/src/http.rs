@@ -1,4 +1,4 @@
-//! The worker's small HTTP server on `WORKER_HTTP_PORT`: liveness and readiness.
+//! The worker's small HTTP server on `WORKER_HTTP_PORT`: liveness, readiness and metrics.
 
 use std::convert::Infallible;
 
@@ -19,6 +19,8 @@ pub struct Health {
     pub assigned: watch::Receiver<bool>,
     /// Shutdown began.
     pub stopping: watch::Receiver<bool>,
+    /// What `/metrics` renders.
+    pub metrics: std::sync::Arc<crate::metrics::WorkerMetrics>,
 }
 
 /// Serves until `stop` turns true.
@@ -57,7 +59,14 @@ fn route(health: &Health, request: &Request<Incoming>) -> Response<Full<Bytes>> 
                 json(StatusCode::OK, r#"{"status":"ready","assigned":false}"#)
             }
         }
-        (_, "/health/live" | "/health/ready") => {
+        ("GET", "/metrics") => {
+            let mut response = Response::new(Full::new(Bytes::from(common::metrics::encode(&health.metrics.registry))));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(common::metrics::CONTENT_TYPE));
+            response
+        }
+        (_, "/health/live" | "/health/ready" | "/metrics") => {
             let mut response =
                 json(StatusCode::METHOD_NOT_ALLOWED, r#"{"error":"method not allowed","code":"method_not_allowed"}"#);
             response.headers_mut().insert(header::ALLOW, http::HeaderValue::from_static("GET"));

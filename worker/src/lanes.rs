@@ -47,6 +47,8 @@ pub struct LaneContext {
     pub retry_backoff: Duration,
     /// Turns true at shutdown: lanes abandon retries (the message is redelivered later).
     pub stop: watch::Receiver<bool>,
+    /// Counters and the processing histogram.
+    pub metrics: std::sync::Arc<crate::metrics::WorkerMetrics>,
 }
 
 /// Longest pause between retries.
@@ -99,14 +101,18 @@ async fn process(context: &LaneContext, message: &OwnedMessage, span: &tracing::
         match effects::apply(&context.pool, &event).await {
             Ok(applied) => {
                 let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-                match applied {
-                    Applied::Processed => tracing::info!(duration_ms, "event processed"),
-                    Applied::AlreadyDone => tracing::info!(duration_ms, "event already processed; skipped"),
-                    Applied::Lifecycle => tracing::info!(duration_ms, "lifecycle event consumed"),
-                }
+                let outcome = match applied {
+                    Applied::Processed => "processed",
+                    Applied::AlreadyDone => "duplicate",
+                    Applied::Lifecycle => "lifecycle",
+                };
+                context.metrics.finished.with_label_values(&[outcome]).inc();
+                context.metrics.processing.observe(started.elapsed().as_secs_f64());
+                tracing::info!(duration_ms, outcome, "event finished");
                 return Some(());
             }
             Err(EffectError::Unavailable(error)) => {
+                context.metrics.retried.with_label_values(&["unavailable"]).inc();
                 tracing::warn!(error, "database unavailable; retrying (offset not committed)");
             }
             Err(EffectError::Failed(error)) => {
@@ -115,6 +121,7 @@ async fn process(context: &LaneContext, message: &OwnedMessage, span: &tracing::
                     tracing::error!(error, attempts = attempt, "event failed; dead-lettering");
                     return dead_letter(context, message, &error, Some(event.id)).await;
                 }
+                context.metrics.retried.with_label_values(&["failed"]).inc();
                 tracing::warn!(error, attempt, "event failed; retrying");
             }
         }
@@ -149,6 +156,7 @@ async fn dead_letter(
         context.producer.send(record, Duration::from_secs(5)).await.map(drop).map_err(|(err, _)| err.to_string())
     })
     .await?;
+    context.metrics.finished.with_label_values(&["dead_lettered"]).inc();
     if let Some(id) = event_id {
         retry(context, "marking the event failed", || async {
             effects::mark_failed(&context.pool, id).await.map_err(|err| err.to_string())

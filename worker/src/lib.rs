@@ -5,11 +5,13 @@
 //! - [`pipeline`]: the consumer loop (offsets, backpressure, rebalances, drain);
 //!   [`offsets`]: which offset may be committed.
 //! - [`lanes`]: the bounded pool applying one user's events in order; retries and dead letters.
-//! - [`effects`]: the idempotent database effects; [`http`]: health endpoints.
+//! - [`effects`]: the idempotent database effects; [`http`]: health and metrics endpoints;
+//!   [`metrics`]: what `/metrics` exports.
 
 pub mod effects;
 pub mod http;
 pub mod lanes;
+pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
 
@@ -47,7 +49,9 @@ impl Worker {
             common::kafka::producer_config(&config.kafka).create().context("invalid Kafka producer configuration")?;
         let pool = common::pool::build(&config.database, "highload-worker");
         let (stop, stop_receiver) = watch::channel(false);
+        let metrics = std::sync::Arc::new(metrics::WorkerMetrics::new());
         let lanes = LaneContext {
+            metrics: metrics.clone(),
             pool,
             producer,
             dlq_topic: config.kafka.dlq_topic(),
@@ -59,7 +63,8 @@ impl Worker {
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("failed to listen on {address} (WORKER_HTTP_PORT)"))?;
-        Ok(Self { pipeline: Pipeline { consumer, rebalances, lanes, config }, listener, assigned, stop })
+        let consumer = std::sync::Arc::new(consumer);
+        Ok(Self { pipeline: Pipeline { consumer, rebalances, lanes, config, metrics }, listener, assigned, stop })
     }
 
     /// The health server's address.
@@ -71,7 +76,11 @@ impl Worker {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tracing::info!(address = %self.http_addr()?, topic = %self.pipeline.config.kafka.topic, "worker started");
         let stop_receiver = self.stop.subscribe();
-        let health = http::Health { assigned: self.assigned, stopping: stop_receiver.clone() };
+        let health = http::Health {
+            assigned: self.assigned,
+            stopping: stop_receiver.clone(),
+            metrics: self.pipeline.metrics.clone(),
+        };
         let http = tokio::spawn(http::serve(self.listener, health, stop_receiver.clone()));
         let pipeline = tokio::spawn(self.pipeline.run(stop_receiver));
         shutdown.await;

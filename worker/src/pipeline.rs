@@ -2,6 +2,7 @@
 //! fetching while too much is in flight, and drain + commit at shutdown.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::config::Config;
@@ -12,6 +13,7 @@ use rdkafka::{ClientContext, Message, Offset};
 use tokio::sync::{mpsc, watch};
 
 use crate::lanes::{Done, Job, LaneContext, run_lane};
+use crate::metrics::WorkerMetrics;
 use crate::offsets::OffsetTracker;
 
 /// Partition assignment changes, reported by librdkafka on its polling thread.
@@ -68,14 +70,16 @@ fn partition_ids(list: &TopicPartitionList) -> Vec<i32> {
 
 /// The consumer loop's parts.
 pub struct Pipeline {
-    /// Subscribed consumer.
-    pub consumer: StreamConsumer<WorkerContext>,
+    /// Subscribed consumer (shared with the lag sampler).
+    pub consumer: Arc<StreamConsumer<WorkerContext>>,
     /// Rebalance notifications from the consumer's context.
     pub rebalances: mpsc::UnboundedReceiver<RebalanceEvent>,
     /// Lane inputs.
     pub lanes: LaneContext,
     /// Configuration.
     pub config: Config,
+    /// Metrics.
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 impl Pipeline {
@@ -97,10 +101,13 @@ impl Pipeline {
 
         let mut tracker = OffsetTracker::default();
         let mut paused = false;
+        let mut lag_interval = tokio::time::interval(LAG_SAMPLE_PERIOD);
         loop {
+            self.metrics.in_flight.set(tracker.in_flight() as i64);
             tokio::select! {
                 biased;
                 _ = stop.changed() => break,
+                _ = lag_interval.tick() => self.sample_lag(),
                 Some(event) = self.rebalances.recv() => {
                     let (RebalanceEvent::Assigned(partitions) | RebalanceEvent::Revoked(partitions)) = event;
                     for partition in partitions {
@@ -115,6 +122,7 @@ impl Pipeline {
                 }
                 received = self.consumer.recv() => match received {
                     Ok(message) => {
+                        self.metrics.consumed.inc();
                         let message = message.detach();
                         let partition = message.partition();
                         tracker.started(partition, message.offset());
@@ -162,6 +170,26 @@ impl Pipeline {
         tracing::info!("worker left the consumer group");
     }
 
+    /// Updates `kafka_consumer_lag` off the runtime (librdkafka's offset queries block).
+    fn sample_lag(&self) {
+        let consumer = Arc::clone(&self.consumer);
+        let metrics = Arc::clone(&self.metrics);
+        let topic = self.config.kafka.topic.clone();
+        tokio::task::spawn_blocking(move || {
+            let Ok(assignment) = consumer.assignment() else { return };
+            let Ok(committed) = consumer.committed_offsets(assignment, LAG_QUERY_TIMEOUT) else { return };
+            metrics.lag.reset();
+            for element in committed.elements_for_topic(&topic) {
+                let Ok((_, high)) = consumer.fetch_watermarks(&topic, element.partition(), LAG_QUERY_TIMEOUT) else {
+                    continue;
+                };
+                // No commit yet: everything up to the end offset is lag.
+                let committed = element.offset().to_raw().filter(|offset| *offset >= 0).unwrap_or(0);
+                metrics.lag.with_label_values(&[&element.partition().to_string()]).set((high - committed).max(0));
+            }
+        });
+    }
+
     fn finish(&self, tracker: &mut OffsetTracker, topic: &str, finished: Done) {
         if let Some(next) = tracker.finished(finished.partition, finished.generation, finished.offset) {
             let mut offsets = TopicPartitionList::new();
@@ -190,6 +218,11 @@ impl Pipeline {
         }
     }
 }
+
+/// How often consumer lag is sampled.
+const LAG_SAMPLE_PERIOD: Duration = Duration::from_secs(10);
+/// Deadline of each offset query behind the lag metric.
+const LAG_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The lane of a message: by key (the user id), so one user's events stay in order.
 fn lane_of(key: Option<&[u8]>, partition: i32, lanes: usize) -> usize {

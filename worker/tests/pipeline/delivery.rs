@@ -39,6 +39,18 @@ async fn an_event_is_processed_end_to_end_and_its_message_matches_the_contract()
     assert_eq!(stats["events_total"], 1);
     assert_eq!(stats["events_by_type"], serde_json::json!({"login": 1}));
     assert_eq!(stats["last_event_at"], event["created_at"]);
+    let metrics =
+        stack.client.get(format!("http://{}/metrics", worker.http)).send().await.unwrap().text().await.unwrap();
+    for needle in [
+        "worker_events_consumed_total 2",
+        r#"worker_events_finished_total{outcome="processed"} 1"#,
+        r#"worker_events_finished_total{outcome="lifecycle"} 1"#,
+        "worker_event_processing_seconds_bucket",
+        "worker_events_in_flight",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(needle), "worker metrics lack {needle}:\n{metrics}");
+    }
 
     // SPEC §4: key = user_id, JSON value with the seed's field names, the three headers.
     let reader = stack.reader(&stack.config.kafka.topic);

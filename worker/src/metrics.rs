@@ -1,0 +1,77 @@
+//! The worker's Prometheus metrics (SPEC §6).
+
+use common::metrics::{LATENCY_BUCKETS, register};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// Every metric the worker exports.
+pub struct WorkerMetrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Messages received from Kafka.
+    pub consumed: IntCounter,
+    /// Messages finished, by outcome: `processed`, `duplicate` (already applied), `lifecycle`,
+    /// `dead_lettered`.
+    pub finished: IntCounterVec,
+    /// Attempts that failed and were retried, by reason (`unavailable`, `failed`).
+    pub retried: IntCounterVec,
+    /// Time from receiving a message to its effects being committed.
+    pub processing: Histogram,
+    /// Messages received and not yet finished.
+    pub in_flight: IntGauge,
+    /// Per partition: the broker's end offset minus the group's committed offset.
+    pub lag: IntGaugeVec,
+}
+
+impl WorkerMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = common::metrics::registry();
+        let r = &registry;
+        Self {
+            consumed: register(
+                r,
+                IntCounter::new("worker_events_consumed_total", "Messages received from Kafka").expect("valid"),
+            ),
+            finished: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new("worker_events_finished_total", "Messages finished, by outcome"),
+                    &["outcome"],
+                )
+                .expect("valid"),
+            ),
+            retried: register(
+                r,
+                IntCounterVec::new(Opts::new("worker_events_retried_total", "Failed attempts retried"), &["reason"])
+                    .expect("valid"),
+            ),
+            processing: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("worker_event_processing_seconds", "Receipt to committed effects")
+                        .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .expect("valid"),
+            ),
+            in_flight: register(
+                r,
+                IntGauge::new("worker_events_in_flight", "Messages received and not yet finished").expect("valid"),
+            ),
+            lag: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("kafka_consumer_lag", "End offset minus committed offset, per partition"),
+                    &["partition"],
+                )
+                .expect("valid"),
+            ),
+            registry,
+        }
+    }
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
