@@ -35,6 +35,9 @@ use crate::outbox::relay::{OutboxSignal, Relay};
 use crate::routes::Routes;
 use crate::state::AppState;
 
+/// The OpenAPI 3.1 document of the whole API (`docs/openapi.json`), served at `GET /openapi.json`.
+pub const OPENAPI_DOCUMENT: &str = include_str!("../../docs/openapi.json");
+
 /// A built, bound, not yet serving api.
 pub struct App {
     listener: TcpListener,

@@ -13,6 +13,8 @@ pub enum Endpoint {
     Health,
     /// `GET /metrics`
     Metrics,
+    /// `GET /openapi.json`
+    OpenApi,
     /// `GET /api/v1/users`
     ListUsers,
     /// `POST /api/v1/users`
@@ -39,6 +41,7 @@ const TABLE: &[(&str, &[(&str, Endpoint)])] = &[
     ("/health/ready", &[("GET", Endpoint::HealthReady)]),
     ("/health", &[("GET", Endpoint::Health)]),
     ("/metrics", &[("GET", Endpoint::Metrics)]),
+    ("/openapi.json", &[("GET", Endpoint::OpenApi)]),
     ("/api/v1/users", &[("GET", Endpoint::ListUsers), ("POST", Endpoint::CreateUser)]),
     (
         "/api/v1/users/{id}",
@@ -112,9 +115,9 @@ impl Routes {
         }
     }
 
-    /// Every path template, for documentation checks.
-    pub fn templates() -> impl Iterator<Item = &'static str> {
-        TABLE.iter().map(|(template, _)| *template)
+    /// Every path template with its methods, for checking the OpenAPI document against the router.
+    pub fn table() -> impl Iterator<Item = (&'static str, Vec<&'static str>)> {
+        TABLE.iter().map(|(template, methods)| (*template, methods.iter().map(|(method, _)| *method).collect()))
     }
 }
 
@@ -138,6 +141,33 @@ mod tests {
                 assert_eq!(found(&routes, method, &path).map(|f| f.0), Some(endpoint), "{method} {path}");
             }
         }
+    }
+
+    /// The document served at /openapi.json describes exactly the routes the router has.
+    #[test]
+    fn openapi_document_matches_the_router() {
+        let document: serde_json::Value = serde_json::from_str(crate::OPENAPI_DOCUMENT).unwrap();
+        assert_eq!(document["openapi"], "3.1.0");
+        let documented: std::collections::BTreeSet<(String, String)> = document["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, item)| {
+                item.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|key| *key != "parameters")
+                    .map(|method| (path.clone(), method.to_uppercase()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let routed: std::collections::BTreeSet<(String, String)> = Routes::table()
+            .flat_map(|(template, methods)| methods.into_iter().map(move |m| (template.to_owned(), m.to_owned())))
+            .collect();
+        let undocumented: Vec<_> = routed.difference(&documented).collect();
+        let unrouted: Vec<_> = documented.difference(&routed).collect();
+        assert!(undocumented.is_empty(), "routes missing from docs/openapi.json: {undocumented:?}");
+        assert!(unrouted.is_empty(), "docs/openapi.json documents routes that do not exist: {unrouted:?}");
     }
 
     #[test]

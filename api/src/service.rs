@@ -36,7 +36,7 @@ pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse
     let span = tracing::info_span!("request", request_id = %request_id, http.method = %method, http.route = template);
     async {
         // Probes and scrapes are never refused: an overloaded pod is alive, and operators need its metrics.
-        let exempt = template.starts_with("/health") || template == "/metrics";
+        let exempt = template.starts_with("/health") || template == "/metrics" || template == "/openapi.json";
         let permit = if exempt { None } else { state.in_flight.try_acquire().ok() };
         let result = if permit.is_none() && !exempt {
             state.metrics.http_rejected.inc();
@@ -86,6 +86,10 @@ async fn dispatch(
         Endpoint::HealthReady => Ok(health::ready(state).await),
         Endpoint::Health => Ok(health::report(state).await),
         Endpoint::Metrics => Ok(health::metrics(state).await),
+        Endpoint::OpenApi => Ok(crate::http::response::json_bytes(
+            http::StatusCode::OK,
+            bytes::Bytes::from_static(crate::OPENAPI_DOCUMENT.as_bytes()),
+        )),
         Endpoint::ListUsers => users::list(state, Pagination::from_query(parts.uri.query())?).await,
         Endpoint::CreateUser => users::create(state, request_id, read_json(&parts.headers, body).await?).await,
         Endpoint::GetUser => users::get(state, parse_id(id)?).await,
