@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::config::Config;
@@ -14,6 +15,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use serde_json::{Value, json};
 use testkit::Broker;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -114,6 +116,33 @@ impl Stack {
         WorkerHandle { http, stop: Some(stop), task }
     }
 
+    /// A binary of this workspace (`api` or `worker`) as a child process with the stack's variables
+    /// plus `extra`; its stdout lines are collected.
+    pub fn spawn_binary(&self, name: &str, extra: &[(&str, &str)]) -> Process {
+        // `api` is built next to `worker` (same target directory) when the workspace's tests build.
+        let worker = std::path::PathBuf::from(env!("CARGO_BIN_EXE_worker"));
+        let path = worker.with_file_name(name);
+        let mut child = Command::new(&path)
+            .env_clear()
+            .envs(&self.vars)
+            .envs(extra.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {}: {err}", path.display()));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let collected = Arc::clone(&lines);
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                collected.lock().unwrap().push(line);
+            }
+        });
+        Process { child, lines }
+    }
+
     /// The worker binary as a child process (for kill -9).
     pub fn spawn_worker_process(&self) -> Child {
         Command::new(env!("CARGO_BIN_EXE_worker"))
@@ -198,6 +227,31 @@ impl Stack {
         let consumer: StreamConsumer = config.create().unwrap();
         consumer.subscribe(&[topic]).unwrap();
         consumer
+    }
+}
+
+/// A child process and the lines it wrote to stdout so far.
+pub struct Process {
+    pub child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// Sends SIGTERM (or SIGINT).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// Waits for the exit; panics past `timeout`.
+    pub async fn exit_within(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(timeout, self.child.wait()).await.expect("exited in time").unwrap()
+    }
+
+    /// Every stdout line so far.
+    pub fn output(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
     }
 }
 

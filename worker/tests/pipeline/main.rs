@@ -7,3 +7,4 @@ mod delivery;
 mod faults;
 mod group;
 mod helpers;
+mod lifecycle;
