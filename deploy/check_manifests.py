@@ -31,7 +31,7 @@ def fail(message):
 
 def config_variables():
     source = (ROOT / "common/src/config.rs").read_text()
-    return set(re.findall(r'env\.\w+\(\s*"([A-Z][A-Z0-9_]+)"', source))
+    return set(re.findall(r'env\s*\.\w+(?:::<[^>]*>)?\(\s*"([A-Z][A-Z0-9_]+)"', source))
 
 
 def routes(binary):
