@@ -1,0 +1,353 @@
+"""bench/run: measures the service against its ceilings, interleaved in one run (see BENCHMARKS.md).
+
+Every service figure is paired with a ceiling measured in the same repetition, in alternating order,
+so that the ratio survives this shared, noisy machine. `--smoke` runs every step briefly and asserts
+nothing about speed (CI uses it so the harness cannot rot).
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RELEASE = ROOT / "target" / "release"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# name: (ratio target, description); checked on the median of per-rep ratios.
+TARGETS = {
+    "health_vs_static": (0.90, "GET /health/live ≥ 0.90 × static JSON"),
+    "cached_vs_static": (0.55, "cached GET user ≥ 0.55 × static JSON"),
+    "cached_vs_redis": (0.85, "cached GET user ≥ 0.85 × Redis GET"),
+    "uncached_vs_pgbench": (0.70, "uncached GET user ≥ 0.70 × pgbench PK select"),
+    "post_user_vs_pgbench": (0.60, "POST user ≥ 0.60 × pgbench same inserts"),
+    "post_event_vs_pgbench": (0.60, "POST event ≥ 0.60 × pgbench same inserts"),
+    "list_vs_uncached": (0.50, "list page 1 ≥ 0.50 × uncached GET"),
+    "page1000_vs_page1": (0.50, "list page 1000 ≥ 0.50 × page 1 (no slower than 2×)"),
+}
+
+
+def log(message):
+    print(f"\033[1m==> {message}\033[0m", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what, check, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{what} did not come up in {timeout}s")
+
+
+def http_ok(url):
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def memory_kb(pid, field):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def psql(sql, database="postgres", capture=False):
+    result = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", database, "-v", "ON_ERROR_STOP=1",
+                             "-qtAc", sql], check=True, capture_output=True, text=True)
+    return result.stdout.strip() if capture else None
+
+
+class Stack:
+    """Own Redis, own tansu, a fresh database; the api (cached and uncached), worker and refserver."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.processes = {}
+        self.db = f"hlms_bench_{os.getpid()}"
+        self.redis_port, self.broker_port = free_port(), free_port()
+        self.ports = {name: free_port() for name in ("api", "api_uncached", "ref", "worker")}
+        psql(f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)")
+        psql(f"CREATE DATABASE {self.db}")
+        self.start("redis", ["redis-server", "--port", str(self.redis_port), "--save", "", "--appendonly", "no"])
+        tansu = os.environ["TANSU_BIN"]
+        self.start("tansu", [tansu, "broker", "--listener-url", f"tcp://127.0.0.1:{self.broker_port}",
+                             "--advertised-listener-url", f"tcp://127.0.0.1:{self.broker_port}",
+                             "--storage-engine", "memory://tansu/"])
+        wait_for("redis", lambda: socket.create_connection(("127.0.0.1", self.redis_port)).close() is None)
+        wait_for("tansu", lambda: socket.create_connection(("127.0.0.1", self.broker_port)).close() is None)
+        self.env = {**os.environ, "DB_HOST": "127.0.0.1", "DB_NAME": self.db, "REDIS_HOST": "127.0.0.1",
+                    "REDIS_PORT": str(self.redis_port), "KAFKA_BROKERS": f"127.0.0.1:{self.broker_port}",
+                    "KAFKA_SESSION_TIMEOUT_MS": "6000", "LOG_LEVEL": "warn", "SERVER_HOST": "127.0.0.1",
+                    "DB_POOL_MAX_SIZE": "16", "KAFKA_TOPIC_PARTITIONS": "12"}
+        subprocess.run([RELEASE / "api", "migrate"], env=self.env, check=True, stdout=subprocess.DEVNULL)
+
+    def start(self, name, command, env=None):
+        log_file = open(self.tmp / f"{name}.log", "w")
+        self.processes[name] = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        return self.processes[name]
+
+    def start_apps(self):
+        self.start("api", [RELEASE / "api"], {**self.env, "SERVER_PORT": str(self.ports["api"]), "RUN_MIGRATIONS": "false"})
+        self.start("api_uncached", [RELEASE / "api"], {**self.env, "SERVER_PORT": str(self.ports["api_uncached"]),
+                                                        "CACHE_TTL": "0", "RUN_MIGRATIONS": "false"})
+        self.start("ref", [RELEASE / "refserver"], {**self.env, "REF_PORT": str(self.ports["ref"]),
+                                                     "REF_PG": f"host=127.0.0.1 user=postgres dbname={self.db}",
+                                                     "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}",
+                                                     "REDIS_KEY_PREFIX": "hlms:"})
+        for name in ("api", "api_uncached"):
+            wait_for(name, lambda n=name: http_ok(f"http://127.0.0.1:{self.ports[n]}/health/ready"))
+        wait_for("refserver", lambda: http_ok(f"http://127.0.0.1:{self.ports['ref']}/static"))
+
+    def start_worker(self):
+        self.start("worker", [RELEASE / "worker"], {**self.env, "WORKER_HTTP_PORT": str(self.ports["worker"])})
+        wait_for("worker", lambda: http_ok(f"http://127.0.0.1:{self.ports['worker']}/health/ready"))
+
+    def pid(self, name):
+        return self.processes[name].pid
+
+    def url(self, name, path):
+        return f"http://127.0.0.1:{self.ports[name]}{path}"
+
+    def stop(self):
+        for process in self.processes.values():
+            process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        psql(f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)")
+
+
+def seed(stack, users, events, ids_file):
+    log(f"seeding {users} users and {events} events")
+    # md5(n)::uuid ids let pgbench address the same rows as the HTTP load.
+    psql(f"""INSERT INTO users (id, email, first_name, last_name, created_at, updated_at)
+             SELECT md5(g::text)::uuid, 'seed' || g || '@example.com', 'First' || g, 'Last' || g,
+                    now() - make_interval(secs => g), now() - make_interval(secs => g)
+               FROM generate_series(1, {users}) g""", stack.db)
+    psql(f"""INSERT INTO events (id, user_id, type, data, created_at)
+             SELECT gen_random_uuid(), md5((1 + g % {users})::text)::uuid, 'seed', '{{"n":1}}', now()
+               FROM generate_series(1, {events}) g""", stack.db)
+    psql("ANALYZE", stack.db)
+    ids = psql(f"SELECT id FROM users ORDER BY random() LIMIT {min(users, 20000)}", stack.db, capture=True)
+    ids_file.write_text(ids + "\n")
+
+
+def parse_duration_ms(text):
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1, "s": 1000, "m": 60000}[unit]
+
+
+def wrk(url, seconds, script=None, args=(), pid=None, connections=64):
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if script:
+        command += ["-s", str(BENCH / "lua" / script)]
+    command.append(url)
+    if args:
+        command += ["--", *map(str, args)]
+    cpu_before = cpu_seconds(pid) if pid else 0
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    cpu = cpu_seconds(pid) - cpu_before if pid else 0
+    requests = int(re.search(r"(\d+) requests in", output).group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = re.search(r"Socket errors: (.*)", output)
+    if non_2xx or (errors and "timeout 0" not in errors.group(1)):
+        raise SystemExit(f"{url}: failed requests during the benchmark:\n{output}")
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
+        "p50": parse_duration_ms(re.search(r"^\s+50%\s+(\S+)\s*$", output, re.M).group(1)),
+        "p99": parse_duration_ms(re.search(r"^\s+99%\s+(\S+)\s*$", output, re.M).group(1)),
+        "cpu_us": cpu / requests * 1e6 if pid and requests else None,
+    }
+
+
+def pgbench(db, script, seconds, users):
+    output = subprocess.run(
+        ["pgbench", "-h", "127.0.0.1", "-U", "postgres", "-n", "-M", "prepared", "-c", "32", "-j", "2",
+         "-T", str(seconds), "-D", f"users={users}", "-f", str(BENCH / "sql" / script), db],
+        check=True, capture_output=True, text=True).stdout
+    latency = re.search(r"latency average = ([\d.]+) ms", output)
+    return {"rps": float(re.search(r"tps = ([\d.]+)", output).group(1)),
+            "p50": float(latency.group(1)) if latency else None, "p99": None, "cpu_us": None}
+
+
+def measure_http(stack, args, ids_file, users):
+    seconds, reps = (1, 1) if args.smoke else (10, 5)
+    ids = str(ids_file)
+    api, unc, ref = "api", "api_uncached", "ref"
+    # name → thunk returning a measurement; pairs are (service, ceiling, ratio name).
+    runs = {
+        "health": lambda: wrk(stack.url(api, "/health/live"), seconds, pid=stack.pid(api)),
+        "static": lambda: wrk(stack.url(ref, "/static"), seconds, pid=stack.pid(ref)),
+        "cached_get": lambda: wrk(stack.url(api, "/"), seconds, "get_by_id.lua", (ids, "/api/v1/users/"), stack.pid(api)),
+        "redis_get": lambda: wrk(stack.url(ref, "/"), seconds, "get_by_id.lua", (ids, "/redis/"), stack.pid(ref)),
+        "uncached_get": lambda: wrk(stack.url(unc, "/"), seconds, "get_by_id.lua", (ids, "/api/v1/users/"), stack.pid(unc)),
+        "pgbench_select": lambda: pgbench(stack.db, "select_user.sql", seconds, users),
+        "post_user": lambda: wrk(stack.url(api, "/api/v1/users"), seconds, "create_user.lua", (), stack.pid(api)),
+        "pgbench_user": lambda: pgbench(stack.db, "create_user.sql", seconds, users),
+        "post_event": lambda: wrk(stack.url(api, "/api/v1/events"), seconds, "create_event.lua", (ids,), stack.pid(api)),
+        "pgbench_event": lambda: pgbench(stack.db, "create_event.sql", seconds, users),
+        "list_page1": lambda: wrk(stack.url(unc, "/api/v1/users?page=1&limit=10"), seconds, pid=stack.pid(unc)),
+        "list_page1000": lambda: wrk(stack.url(unc, "/api/v1/users?page=1000&limit=10"), seconds, pid=stack.pid(unc)),
+    }
+    pairs = [("health", "static", "health_vs_static"), ("cached_get", "static", "cached_vs_static"),
+             ("cached_get", "redis_get", "cached_vs_redis"), ("uncached_get", "pgbench_select", "uncached_vs_pgbench"),
+             ("post_user", "pgbench_user", "post_user_vs_pgbench"), ("post_event", "pgbench_event", "post_event_vs_pgbench"),
+             ("list_page1", "uncached_get", "list_vs_uncached"), ("list_page1000", "list_page1", "page1000_vs_page1")]
+    log("warming up (fills the cache for the ids the load uses, warms both servers and PostgreSQL)")
+    warm = 1 if args.smoke else 10
+    wrk(stack.url(api, "/"), warm, "get_by_id.lua", (ids, "/api/v1/users/"))
+    wrk(stack.url(unc, "/"), warm, "get_by_id.lua", (ids, "/api/v1/users/"))
+    wrk(stack.url(ref, "/static"), 1)
+    results = {name: [] for name in runs}
+    ratios = {ratio: [] for _, _, ratio in pairs}
+    for rep in range(reps):
+        log(f"repetition {rep + 1}/{reps}")
+        measured = {}
+        order = list(runs)
+        if rep % 2:
+            order.reverse()
+        for name in order:
+            measured[name] = runs[name]()
+            results[name].append(measured[name])
+        for service, ceiling, ratio in pairs:
+            ratios[ratio].append(measured[service]["rps"] / measured[ceiling]["rps"])
+    return results, ratios
+
+
+def measure_worker(stack, args, ids_file):
+    log("worker: draining the backlog of the HTTP phase")
+    stack.start_worker()
+    drain(stack, timeout=600)
+    seconds = 2 if args.smoke else 15
+    log(f"worker: end-to-end throughput (POST as fast as possible for {seconds}s, until all processed)")
+    processed_sql = "SELECT count(*) FROM events WHERE status = 'processed' AND type = 'bench'"
+    before = int(psql(processed_sql, stack.db, capture=True))
+    started = time.time()
+    wrk(stack.url("api", "/api/v1/events"), seconds, "create_event.lua", (str(ids_file),), connections=32)
+    drain(stack, timeout=600)
+    elapsed = time.time() - started
+    processed = int(psql(processed_sql, stack.db, capture=True)) - before
+    throughput = processed / elapsed
+    rate = max(10, int(throughput / 2))
+    log(f"worker: processing delay at a fixed {rate}/s (half the throughput)")
+    marker = psql("SELECT now()", stack.db, capture=True)
+    subprocess.run([RELEASE / "fixed-rate", stack.url("api", ""), str(rate), str(seconds), str(ids_file)],
+                   check=True, capture_output=True)
+    drain(stack, timeout=300)
+    p99 = float(psql(f"""SELECT coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM processed_at - created_at)), 0)
+                           FROM events WHERE type = 'bench' AND created_at > '{marker}'""", stack.db, capture=True))
+    return {"events": processed, "seconds": elapsed, "throughput": throughput, "fixed_rate": rate, "delay_p99_ms": p99 * 1000}
+
+
+def drain(stack, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        # Seeded and pgbench-inserted events never pass through the api: only the api's ('bench') count.
+        pending = psql("SELECT (SELECT count(*) FROM events WHERE status = 'pending' AND type = 'bench')"
+                       " + (SELECT count(*) FROM outbox)", stack.db, capture=True)
+        if int(pending) == 0:
+            return
+        time.sleep(0.2)
+    raise SystemExit("the pipeline did not drain in time")
+
+
+def fmt(value, digits=0):
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def report(args, results, ratios, worker, memory, users, events):
+    lines = ["| measurement | req/s (median) | p50 ms | p99 ms | CPU µs/req |", "|---|---|---|---|---|"]
+    for name, runs in results.items():
+        med = lambda key: statistics.median([r[key] for r in runs]) if runs and runs[0][key] is not None else None
+        lines.append(f"| {name} | {fmt(med('rps'))} | {fmt(med('p50'), 2)} | {fmt(med('p99'), 2)} | {fmt(med('cpu_us'), 1)} |")
+    lines += ["", "| target | ratio (median of reps) | worst rep | goal | result |", "|---|---|---|---|---|"]
+    failures = 0
+    for ratio, values in ratios.items():
+        goal, description = TARGETS[ratio]
+        median, worst = statistics.median(values), min(values)
+        ok = median >= goal
+        failures += not ok
+        lines.append(f"| {description} | {median:.2f} | {worst:.2f} | ≥ {goal:.2f} | {'pass' if ok else 'FAIL'} |")
+    worker_ok = worker["throughput"] >= 5000
+    delay_ok = worker["delay_p99_ms"] < 250
+    lines += ["", "| worker | value | goal | result |", "|---|---|---|---|",
+              f"| end-to-end throughput (POST → processed) | {worker['throughput']:,.0f} events/s ({worker['events']} in {worker['seconds']:.1f} s) | ≥ 5,000 | {'pass' if worker_ok else 'FAIL'} |",
+              f"| p99 processing delay at {worker['fixed_rate']}/s | {worker['delay_p99_ms']:.0f} ms | < 250 ms | {'pass' if delay_ok else 'FAIL'} |"]
+    lines += ["", "| memory (RSS) | MB | goal | result |", "|---|---|---|---|"]
+    for name, (value, goal) in memory.items():
+        lines.append(f"| {name} | {value / 1024:.1f} | < {goal} | {'pass' if value / 1024 < goal else 'FAIL'} |")
+    table = "\n".join(lines)
+    print(table)
+    if not args.smoke:
+        machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.platform()}"
+        text = (BENCH / "BENCHMARKS.template.md").read_text()
+        text = text.replace("{{TABLE}}", table).replace("{{MACHINE}}", machine)
+        text = text.replace("{{DATE}}", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        text = text.replace("{{DATA}}", f"{users:,} users, {events:,} events")
+        (ROOT / "BENCHMARKS.md").write_text(text)
+        log("wrote BENCHMARKS.md")
+    return failures
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="every step briefly; asserts nothing about speed")
+    args = parser.parse_args()
+    users, events = (2_000, 2_000) if args.smoke else (100_000, 100_000)
+    with tempfile.TemporaryDirectory(prefix="hlms-bench-") as tmp:
+        tmp = Path(tmp)
+        stack = Stack(tmp)
+        try:
+            ids_file = tmp / "ids.txt"
+            seed(stack, users, events, ids_file)
+            stack.start_apps()
+            time.sleep(1)
+            memory = {"api idle": (memory_kb(stack.pid("api"), "VmRSS"), 40)}
+            results, ratios = measure_http(stack, args, ids_file, users)
+            memory["api under 64-connection load (peak)"] = (memory_kb(stack.pid("api"), "VmHWM"), 80)
+            worker = measure_worker(stack, args, ids_file)
+            memory["worker (peak)"] = (memory_kb(stack.pid("worker"), "VmHWM"), 60)
+            report(args, results, ratios, worker, memory, users, events)
+        except BaseException:
+            for log_file in sorted(tmp.glob("*.log")):
+                print(f"--- {log_file.name} (tail)", file=sys.stderr)
+                print("\n".join(log_file.read_text(errors="replace").splitlines()[-20:]), file=sys.stderr)
+            raise
+        finally:
+            stack.stop()
+    log("benchmark complete")
+
+
+if __name__ == "__main__":
+    main()
