@@ -1,10 +1,13 @@
 //! The api's Prometheus metrics (SPEC §6), labelled by route *template* and status class only, so
 //! label cardinality stays fixed whatever paths clients send.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use common::metrics::{LATENCY_BUCKETS, register};
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::db::DbPool;
 
@@ -33,6 +36,15 @@ pub struct ApiMetrics {
     db_waits: IntCounter,
     db_timeouts: IntCounter,
     db_wait_seconds: prometheus::Counter,
+    /// Label children resolved once per (route template, method): the per-request path then avoids
+    /// the label hashing and lock of `with_label_values`.
+    routes: HashMap<(&'static str, &'static str), RouteMetrics>,
+}
+
+struct RouteMetrics {
+    /// By status class 1xx..5xx.
+    requests: [IntCounter; 5],
+    duration: Histogram,
 }
 
 impl ApiMetrics {
@@ -40,7 +52,8 @@ impl ApiMetrics {
     pub fn new() -> Self {
         let registry = common::metrics::registry();
         let r = &registry;
-        Self {
+        let mut metrics = Self {
+            routes: HashMap::new(),
             http_requests: register(
                 r,
                 IntCounterVec::new(
@@ -114,18 +127,28 @@ impl ApiMetrics {
                     .expect("valid"),
             ),
             registry,
+        };
+        for (template, methods) in crate::routes::Routes::table() {
+            for method in methods {
+                let requests = ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                    .map(|class| metrics.http_requests.with_label_values(&[template, method, class]));
+                let duration = metrics.http_duration.with_label_values(&[template, method]);
+                metrics.routes.insert((template, method), RouteMetrics { requests, duration });
+            }
         }
+        metrics
     }
 
     /// Records one finished request.
     pub fn observe_request(&self, route: &str, method: &str, status: u16, duration: Duration) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        if let Some(resolved) = self.routes.get(&(route, method)) {
+            resolved.requests[class].inc();
+            resolved.duration.observe(duration.as_secs_f64());
+            return;
+        }
+        // Unmatched paths and unknown methods: rare, resolved per request.
+        let class = ["1xx", "2xx", "3xx", "4xx", "5xx"][class];
         self.http_requests.with_label_values(&[route, method, class]).inc();
         self.http_duration.with_label_values(&[route, method]).observe(duration.as_secs_f64());
     }
