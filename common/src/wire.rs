@@ -43,36 +43,28 @@ impl From<UserRow> for User {
     }
 }
 
-/// Body of `POST /api/v1/users`. Fields are optional here so that validation can report every
-/// missing field at once instead of stopping at serde's first error.
+/// The user fields a client sends. Every field is optional at this level so that validation can
+/// report every bad or missing field at once instead of stopping at serde's first error; which ones
+/// are required is the endpoint's business (see [`CreateUserRequest`], [`UpdateUserRequest`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CreateUserRequest {
-    /// Required.
+pub struct UserFields {
+    /// Email address.
     #[serde(default, deserialize_with = "present_string")]
     pub email: Option<String>,
-    /// Required.
+    /// Given name.
     #[serde(default, deserialize_with = "present_string")]
     pub first_name: Option<String>,
-    /// Required.
+    /// Family name.
     #[serde(default, deserialize_with = "present_string")]
     pub last_name: Option<String>,
 }
 
+/// Body of `POST /api/v1/users`: all three fields required.
+pub type CreateUserRequest = UserFields;
+
 /// Body of `PUT /api/v1/users/{id}`: any non-empty subset of the fields.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpdateUserRequest {
-    /// New email, if present.
-    #[serde(default, deserialize_with = "present_string")]
-    pub email: Option<String>,
-    /// New given name, if present.
-    #[serde(default, deserialize_with = "present_string")]
-    pub first_name: Option<String>,
-    /// New family name, if present.
-    #[serde(default, deserialize_with = "present_string")]
-    pub last_name: Option<String>,
-}
+pub type UpdateUserRequest = UserFields;
 
 /// Body of `GET /api/v1/users`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -191,7 +191,8 @@ async fn sleep_unless_stopped(context: &LaneContext, period: Duration) -> Option
     }
 }
 
-fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+/// A message header as text (lossy for non-UTF-8 values).
+pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
     message
         .headers()?
         .iter()

@@ -10,7 +10,6 @@ use common::config::Config;
 use diesel::QueryableByName;
 use diesel::sql_types::BigInt;
 use diesel_async::RunQueryDsl;
-use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use serde_json::{Value, json};
@@ -273,13 +272,4 @@ pub async fn read_until(
     .expect("the wanted message arrived")
 }
 
-/// A message header as text.
-pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
-    use rdkafka::message::Headers;
-    message
-        .headers()?
-        .iter()
-        .find(|header| header.key == name)
-        .and_then(|header| header.value)
-        .map(|value| String::from_utf8_lossy(value).into_owned())
-}
+pub use worker::lanes::header;
