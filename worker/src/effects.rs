@@ -1,15 +1,19 @@
 //! What an event does to the database, applied idempotently (SPEC §2 "Worker effects").
 //!
 //! A client event flips its row from `pending` to `processed` and bumps the user's counters in one
-//! transaction; the `status = 'pending'` condition makes the event id the idempotency key, so a
+//! statement; the `status = 'pending'` condition makes the event id the idempotency key, so a
 //! redelivered message changes nothing. `user_deleted` removes the user's counters (idempotent too).
+//! Events are applied in batches (one statement per batch): a commit per event is what bounds a
+//! worker's throughput on PostgreSQL, not the work inside it.
 
 use common::kafka::{EventMessage, lifecycle};
 use common::pool::DbPool;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel::sql_types::{Text, Timestamptz, Uuid as SqlUuid};
+use std::collections::HashSet;
+
+use diesel::sql_types::{Array, Uuid as SqlUuid};
 use diesel::{QueryableByName, sql_query};
-use diesel_async::{AnsiTransactionManager, AsyncPgConnection, RunQueryDsl, TransactionManager};
+use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
 /// Why applying an event failed.
@@ -35,69 +39,72 @@ pub enum Applied {
 }
 
 #[derive(QueryableByName)]
-struct ClaimedEvent {
+struct Claimed {
     #[diesel(sql_type = SqlUuid)]
-    user_id: Uuid,
-    #[diesel(sql_type = Text)]
-    event_type: String,
-    #[diesel(sql_type = Timestamptz)]
-    created_at: chrono::DateTime<chrono::Utc>,
+    id: Uuid,
 }
 
-/// Applies one event's effects.
-pub async fn apply(pool: &DbPool, message: &EventMessage) -> Result<Applied, EffectError> {
+/// Claims the pending events among `$1` and adds them to their users' counters, in one statement (so
+/// one transaction and one round trip for the whole batch). The `status = 'pending'` condition makes
+/// each event id its own idempotency key; returns the ids claimed now.
+const CLAIM_AND_COUNT: &str = "
+WITH claimed AS (
+    UPDATE events SET status = 'processed', processed_at = now()
+     WHERE id = ANY($1) AND status = 'pending'
+ RETURNING id, user_id, type, created_at
+), counted AS (
+    INSERT INTO user_event_stats (user_id, type, count, last_event_at)
+    SELECT user_id, type, count(*), max(created_at) FROM claimed
+     GROUP BY user_id, type
+     -- One lock order for every writer, so concurrent batches cannot deadlock on counter rows.
+     ORDER BY user_id, type
+    ON CONFLICT (user_id, type) DO UPDATE
+       SET count = user_event_stats.count + EXCLUDED.count,
+           last_event_at = GREATEST(user_event_stats.last_event_at, EXCLUDED.last_event_at)
+)
+SELECT id FROM claimed";
+
+/// Applies the effects of a batch of events (one lane's, in order) and says what it did to each.
+///
+/// Client events are claimed and counted in one statement; a `user_deleted` then removes the user's
+/// counters (a no-op when the deletion's cascade got there first). A failure fails the whole batch:
+/// nothing of it is committed, and the caller retries or splits it.
+pub async fn apply(pool: &DbPool, events: &[&EventMessage]) -> Result<Vec<Applied>, EffectError> {
     let mut conn = pool.get().await.map_err(|err| EffectError::Unavailable(err.to_string()))?;
-    if message.event_type == lifecycle::USER_DELETED {
-        sql_query("DELETE FROM user_event_stats WHERE user_id = $1")
-            .bind::<SqlUuid, _>(message.user_id)
+    let client_events: Vec<Uuid> = events.iter().filter(|event| !event.is_lifecycle()).map(|event| event.id).collect();
+    let claimed: HashSet<Uuid> = if client_events.is_empty() {
+        HashSet::new()
+    } else {
+        sql_query(CLAIM_AND_COUNT)
+            .bind::<Array<SqlUuid>, _>(&client_events)
+            .load::<Claimed>(&mut conn)
+            .await
+            .map_err(classify)?
+            .into_iter()
+            .map(|row| row.id)
+            .collect()
+    };
+    let deleted_users: Vec<Uuid> =
+        events.iter().filter(|event| event.event_type == lifecycle::USER_DELETED).map(|event| event.user_id).collect();
+    if !deleted_users.is_empty() {
+        sql_query("DELETE FROM user_event_stats WHERE user_id = ANY($1)")
+            .bind::<Array<SqlUuid>, _>(&deleted_users)
             .execute(&mut conn)
             .await
             .map_err(classify)?;
-        return Ok(Applied::Lifecycle);
     }
-    if message.is_lifecycle() {
-        return Ok(Applied::Lifecycle);
-    }
-    let conn: &mut AsyncPgConnection = &mut conn;
-    AnsiTransactionManager::begin_transaction(conn).await.map_err(classify)?;
-    match process_client_event(conn, message.id).await {
-        Ok(applied) => {
-            AnsiTransactionManager::commit_transaction(conn).await.map_err(classify)?;
-            Ok(applied)
-        }
-        Err(err) => {
-            let _ = AnsiTransactionManager::rollback_transaction(conn).await;
-            Err(classify(err))
-        }
-    }
-}
-
-async fn process_client_event(conn: &mut AsyncPgConnection, event_id: Uuid) -> Result<Applied, DieselError> {
-    let claimed: Option<ClaimedEvent> = sql_query(
-        "UPDATE events SET status = 'processed', processed_at = now()
-          WHERE id = $1 AND status = 'pending'
-      RETURNING user_id, type AS event_type, created_at",
-    )
-    .bind::<SqlUuid, _>(event_id)
-    .get_result(conn)
-    .await
-    .map(Some)
-    .or_else(|err| if err == DieselError::NotFound { Ok(None) } else { Err(err) })?;
-    let Some(event) = claimed else {
-        return Ok(Applied::AlreadyDone);
-    };
-    sql_query(
-        "INSERT INTO user_event_stats (user_id, type, count, last_event_at) VALUES ($1, $2, 1, $3)
-         ON CONFLICT (user_id, type) DO UPDATE
-            SET count = user_event_stats.count + 1,
-                last_event_at = GREATEST(user_event_stats.last_event_at, EXCLUDED.last_event_at)",
-    )
-    .bind::<SqlUuid, _>(event.user_id)
-    .bind::<Text, _>(&event.event_type)
-    .bind::<Timestamptz, _>(event.created_at)
-    .execute(conn)
-    .await?;
-    Ok(Applied::Processed)
+    Ok(events
+        .iter()
+        .map(|event| {
+            if event.is_lifecycle() {
+                Applied::Lifecycle
+            } else if claimed.contains(&event.id) {
+                Applied::Processed
+            } else {
+                Applied::AlreadyDone
+            }
+        })
+        .collect())
 }
 
 /// Marks a dead-lettered client event `failed` (no-op for lifecycle events and processed ones).

@@ -1,6 +1,6 @@
-//! The bounded worker pool: `WORKER_CONCURRENCY` lanes, each applying its messages one at a time.
-//! A message goes to the lane of its key (the user id), so one user's events are applied in order
-//! while different users proceed in parallel.
+//! The bounded worker pool: `WORKER_CONCURRENCY` lanes, each applying its queued messages in order,
+//! as one batch when it can. A message goes to the lane of its key (the user id), so one user's
+//! events are applied in order while different users proceed in parallel.
 
 use std::time::Duration;
 
@@ -54,61 +54,142 @@ pub struct LaneContext {
 /// Longest pause between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Most messages a lane applies in one statement. Batches form only from what is already queued, so
+/// a lone event is never held back waiting for company.
+const MAX_BATCH: usize = 128;
+
 /// Runs one lane until its channel closes.
 pub async fn run_lane(context: LaneContext, mut jobs: mpsc::UnboundedReceiver<Job>, done: mpsc::UnboundedSender<Done>) {
-    while let Some(job) = jobs.recv().await {
-        let partition = job.message.partition();
-        let offset = job.message.offset();
-        if handle(&context, &job.message).await.is_some() {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let finished = handle_batch(&context, &batch).await;
+        for job in &batch[..finished] {
+            let (partition, offset) = (job.message.partition(), job.message.offset());
             let _ = done.send(Done { partition, offset, generation: job.generation });
         }
+        batch.clear();
+    }
+}
+
+/// Applies a lane's queued messages, in order; returns how many of them (a prefix) finished before
+/// shutdown interrupted (the rest will be redelivered).
+///
+/// The whole batch goes in one statement when every message decodes. If that fails for a reason
+/// other than PostgreSQL being unavailable, one of its events is bad: the batch is applied message by
+/// message instead, so only that one is retried and dead-lettered.
+async fn handle_batch(context: &LaneContext, batch: &[Job]) -> usize {
+    if batch.len() > 1 {
+        let decoded: Option<Vec<EventMessage>> = batch.iter().map(|job| decode(&job.message).ok()).collect();
+        if let Some(events) = decoded {
+            match apply_batch(context, batch, &events).await {
+                BatchOutcome::Applied => return batch.len(),
+                BatchOutcome::Stopped => return 0,
+                BatchOutcome::Split => {}
+            }
+        }
+    }
+    for (finished, job) in batch.iter().enumerate() {
+        if handle(context, &job.message).await.is_none() {
+            return finished;
+        }
+    }
+    batch.len()
+}
+
+enum BatchOutcome {
+    Applied,
+    Stopped,
+    Split,
+}
+
+async fn apply_batch(context: &LaneContext, batch: &[Job], events: &[EventMessage]) -> BatchOutcome {
+    let started = std::time::Instant::now();
+    let refs: Vec<&EventMessage> = events.iter().collect();
+    let mut backoff = context.retry_backoff;
+    loop {
+        match effects::apply(&context.pool, &refs).await {
+            Ok(applied) => {
+                for ((job, event), applied) in batch.iter().zip(events).zip(applied) {
+                    let span = event_span(&job.message);
+                    record_event(&span, event);
+                    span.in_scope(|| finished(context, applied, started));
+                }
+                return BatchOutcome::Applied;
+            }
+            Err(EffectError::Unavailable(error)) => {
+                context.metrics.retried.with_label_values(&["unavailable"]).inc();
+                tracing::warn!(error, events = batch.len(), "database unavailable; retrying (offsets not committed)");
+            }
+            Err(EffectError::Failed(error)) => {
+                tracing::warn!(error, events = batch.len(), "batch failed; applying its events one by one");
+                return BatchOutcome::Split;
+            }
+        }
+        if sleep_unless_stopped(context, backoff).await.is_none() {
+            return BatchOutcome::Stopped;
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
 /// Applies a message; `None` when shutdown interrupted it (not finished: it will be redelivered).
 async fn handle(context: &LaneContext, message: &OwnedMessage) -> Option<()> {
+    let span = event_span(message);
+    process(context, message, &span).instrument(span.clone()).await
+}
+
+/// The span of one message's log lines: where it came from and the request that caused it.
+fn event_span(message: &OwnedMessage) -> tracing::Span {
     let request_id = header(message, headers::REQUEST_ID).unwrap_or_default();
-    let span = tracing::info_span!(
+    tracing::info_span!(
         "event",
         kafka.partition = message.partition(),
         kafka.offset = message.offset(),
         request_id = %request_id,
         event.id = tracing::field::Empty,
         event.type = tracing::field::Empty,
-    );
-    process(context, message, &span).instrument(span.clone()).await
+    )
+}
+
+fn record_event(span: &tracing::Span, event: &EventMessage) {
+    span.record("event.id", tracing::field::display(event.id));
+    span.record("event.type", event.event_type.as_str());
+}
+
+fn decode(message: &OwnedMessage) -> Result<EventMessage, String> {
+    let payload = message.payload().ok_or_else(|| "message has no payload".to_owned())?;
+    serde_json::from_slice::<EventMessage>(payload).map_err(|err| err.to_string())
+}
+
+/// Counts and logs an event whose effects are durable.
+fn finished(context: &LaneContext, applied: Applied, started: std::time::Instant) {
+    let outcome = match applied {
+        Applied::Processed => "processed",
+        Applied::AlreadyDone => "duplicate",
+        Applied::Lifecycle => "lifecycle",
+    };
+    context.metrics.finished.with_label_values(&[outcome]).inc();
+    context.metrics.processing.observe(started.elapsed().as_secs_f64());
+    tracing::info!(duration_ms = started.elapsed().as_secs_f64() * 1000.0, outcome, "event finished");
 }
 
 async fn process(context: &LaneContext, message: &OwnedMessage, span: &tracing::Span) -> Option<()> {
-    let decoded = message
-        .payload()
-        .ok_or_else(|| "message has no payload".to_owned())
-        .and_then(|payload| serde_json::from_slice::<EventMessage>(payload).map_err(|err| err.to_string()));
-    let event = match decoded {
+    let event = match decode(message) {
         Ok(event) => event,
         Err(error) => {
             tracing::warn!(error, "undecodable message; dead-lettering");
             return dead_letter(context, message, &format!("undecodable: {error}"), None).await;
         }
     };
-    span.record("event.id", tracing::field::display(event.id));
-    span.record("event.type", event.event_type.as_str());
+    record_event(span, &event);
 
     let started = std::time::Instant::now();
     let mut attempt = 0;
     let mut backoff = context.retry_backoff;
     loop {
-        match effects::apply(&context.pool, &event).await {
+        match effects::apply(&context.pool, &[&event]).await {
             Ok(applied) => {
-                let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-                let outcome = match applied {
-                    Applied::Processed => "processed",
-                    Applied::AlreadyDone => "duplicate",
-                    Applied::Lifecycle => "lifecycle",
-                };
-                context.metrics.finished.with_label_values(&[outcome]).inc();
-                context.metrics.processing.observe(started.elapsed().as_secs_f64());
-                tracing::info!(duration_ms, outcome, "event finished");
+                finished(context, applied[0], started);
                 return Some(());
             }
             Err(EffectError::Unavailable(error)) => {
