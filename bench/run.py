@@ -34,7 +34,7 @@ TARGETS = {
     "post_user_vs_pgbench": (0.60, "POST user ≥ 0.60 × pgbench same inserts"),
     "post_event_vs_pgbench": (0.60, "POST event ≥ 0.60 × pgbench same inserts"),
     "list_vs_uncached": (0.50, "list page 1 ≥ 0.50 × uncached GET"),
-    "page1000_vs_page1": (0.50, "list page 1000 ≥ 0.50 × page 1 (no slower than 2×)"),
+    "page1000_vs_page1": (0.50, "list page 1000 (by cursor) ≥ 0.50 × page 1 (no slower than 2×)"),
 }
 
 
@@ -207,9 +207,24 @@ def pgbench(db, script, seconds, users):
             "p50": float(latency.group(1)) if latency else None, "p99": None, "cpu_us": None, "failed": 0}
 
 
+def deep_cursor(stack, rows):
+    """The `next_cursor` after the first `rows` users, walked through the api as a client would."""
+    cursor, walked = None, 0
+    while walked < rows:
+        limit = min(100, rows - walked)
+        query = f"limit={limit}" + (f"&cursor={cursor}" if cursor else "")
+        with urllib.request.urlopen(stack.url("api_uncached", f"/api/v1/users?{query}"), timeout=10) as response:
+            page = json.load(response)
+        walked += len(page["users"])
+        cursor = page["next_cursor"]
+    return cursor
+
+
 def measure_http(stack, args, ids_file, users):
     seconds, reps = (1, 1) if args.smoke else (10, 5)
     ids = str(ids_file)
+    # Page 1000 of 10 starts after 9,990 rows; with `page=1000` PostgreSQL would skip them one by one.
+    page1000 = deep_cursor(stack, min(9_990, users - 10))
     api, unc, ref = "api", "api_uncached", "ref"
     # name → thunk returning a measurement; pairs are (service, ceiling, ratio name).
     runs = {
@@ -224,7 +239,7 @@ def measure_http(stack, args, ids_file, users):
         "post_event": lambda: wrk(stack.url(api, "/api/v1/events"), seconds, "create_event.lua", (ids,), stack.pid(api)),
         "pgbench_event": lambda: pgbench(stack.db, "create_event.sql", seconds, users),
         "list_page1": lambda: wrk(stack.url(unc, "/api/v1/users?page=1&limit=10"), seconds, pid=stack.pid(unc)),
-        "list_page1000": lambda: wrk(stack.url(unc, "/api/v1/users?page=1000&limit=10"), seconds, pid=stack.pid(unc)),
+        "list_page1000": lambda: wrk(stack.url(unc, f"/api/v1/users?cursor={page1000}&limit=10"), seconds, pid=stack.pid(unc)),
     }
     pairs = [("health", "static", "health_vs_static"), ("cached_get", "static", "cached_vs_static"),
              ("cached_get", "redis_get", "cached_vs_redis"), ("uncached_get", "pgbench_select", "uncached_vs_pgbench"),

@@ -5,7 +5,8 @@
 //!   [`routes`]: the route table.
 //! - [`metrics`]: Prometheus metrics; [`users`]: the users resource; [`events`]: events and per-user stats; [`health`]: probes.
 //! - [`outbox`]: the transactional outbox and the relay that publishes it to Kafka.
-//! - [`db`]: pool, migrations, database error mapping; [`cache`]: the Redis user cache.
+//! - [`db`]: pool, migrations, database error mapping; [`cache`]: the Redis user cache;
+//!   [`pages`]: what the list endpoints share (totals, cursors).
 //! - [`http`]: body/query parsing, responses and the one error type.
 
 pub mod cache;
@@ -15,6 +16,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod outbox;
+pub mod pages;
 pub mod routes;
 pub mod server;
 pub mod service;

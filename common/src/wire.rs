@@ -73,10 +73,13 @@ pub struct UserPage {
     pub users: Vec<User>,
     /// How many users exist in all.
     pub total: i64,
-    /// The page number asked for (from 1).
-    pub page: u32,
+    /// The page number asked for (from 1); absent when the page was asked for by `cursor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
     /// The page size asked for.
     pub limit: u32,
+    /// Pass as `cursor` for the next page (keyset pagination, fast at any depth); `null` on the last page.
+    pub next_cursor: Option<String>,
 }
 
 /// An event as the API returns it.
@@ -139,10 +142,13 @@ pub struct EventPage {
     pub events: Vec<Event>,
     /// How many events match the filters in all.
     pub total: i64,
-    /// The page number asked for (from 1).
-    pub page: u32,
+    /// The page number asked for (from 1); absent when the page was asked for by `cursor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
     /// The page size asked for.
     pub limit: u32,
+    /// Pass as `cursor` for the next page (keyset pagination, fast at any depth); `null` on the last page.
+    pub next_cursor: Option<String>,
 }
 
 /// Body of `GET /api/v1/users/{id}/stats`.

@@ -10,9 +10,10 @@ use super::repo::{self, EventFilter};
 use super::validate;
 use crate::db::transaction;
 use crate::http::error::ApiError;
-use crate::http::query::Pagination;
+use crate::http::query::{Cursor, Pagination};
 use crate::http::response::{self, HttpResponse};
 use crate::outbox;
+use crate::pages;
 use crate::state::AppState;
 
 /// `POST /api/v1/events`: the event and its outbox row in one transaction.
@@ -43,14 +44,16 @@ pub async fn get(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
     Ok(response::json(StatusCode::OK, &to_wire(row)?))
 }
 
-/// `GET /api/v1/events?page=&limit=&user_id=&type=`
+/// `GET /api/v1/events?page=&limit=&user_id=&type=` (or `cursor=` instead of `page=`)
 pub async fn list(state: &AppState, query: Option<&str>) -> Result<HttpResponse, ApiError> {
     let page = Pagination::from_query(query)?;
     let filter = filter_from_query(query)?;
     let mut conn = state.db.get().await?;
     let (rows, total) = repo::list(&mut conn, &filter, page).await?;
+    drop(conn);
+    let (rows, next_cursor) = pages::split(rows, page, |row| Cursor { created_at: row.created_at, id: row.id });
     let events = rows.into_iter().map(to_wire).collect::<Result<Vec<_>, _>>()?;
-    Ok(response::json(StatusCode::OK, &EventPage { events, total, page: page.page, limit: page.limit }))
+    Ok(response::json(StatusCode::OK, &EventPage { events, total, page: page.page, limit: page.limit, next_cursor }))
 }
 
 /// `GET /api/v1/users/{id}/stats`: what the worker has counted for the user.

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::validate::ValidEvent;
 use crate::http::query::Pagination;
+use crate::pages;
 
 /// Filters of the events list.
 #[derive(Debug, Default, Clone)]
@@ -36,7 +37,8 @@ pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<Event
     events::table.find(id).select(EventRow::as_select()).first(conn).await.optional()
 }
 
-/// One page, newest first, and the number of matching events.
+/// One page, newest first, with one extra row when another page follows (see [`pages::split`]), and
+/// the number of matching events.
 pub async fn list(
     conn: &mut AsyncPgConnection,
     filter: &EventFilter,
@@ -52,14 +54,20 @@ pub async fn list(
         }
         query
     };
-    let rows = filtered()
+    let mut query = filtered()
         .select(EventRow::as_select())
         .order((events::created_at.desc(), events::id.desc()))
-        .limit(i64::from(page.limit))
-        .offset(page.offset())
-        .load(conn)
-        .await?;
-    let total = filtered().count().get_result(conn).await?;
+        .limit(pages::rows_to_fetch(page));
+    query = match page.after {
+        Some(cursor) => query.filter(pages::listed_after(cursor)),
+        None => query.offset(page.offset()),
+    };
+    let rows = query.load(conn).await?;
+    let total = if filter.user_id.is_none() && filter.event_type.is_none() {
+        pages::row_count(conn, "events").await?
+    } else {
+        filtered().count().get_result(conn).await?
+    };
     Ok((rows, total))
 }
 

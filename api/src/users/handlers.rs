@@ -14,9 +14,10 @@ use super::{repo, validate};
 use crate::cache::Lookup;
 use crate::db::{is_unique_violation, transaction};
 use crate::http::error::ApiError;
-use crate::http::query::Pagination;
+use crate::http::query::{Cursor, Pagination};
 use crate::http::response::{self, HttpResponse};
 use crate::outbox;
+use crate::pages;
 use crate::state::AppState;
 
 /// `POST /api/v1/users`: the user and its `user_created` event in one transaction.
@@ -99,12 +100,14 @@ pub async fn delete(state: &AppState, request_id: &str, id: Uuid) -> Result<Http
     Ok(response::no_content())
 }
 
-/// `GET /api/v1/users?page=&limit=`
+/// `GET /api/v1/users?page=&limit=` or `?cursor=&limit=`
 pub async fn list(state: &AppState, page: Pagination) -> Result<HttpResponse, ApiError> {
     let mut conn = state.db.get().await?;
     let (rows, total) = repo::list(&mut conn, page).await?;
-    let body =
-        UserPage { users: rows.into_iter().map(User::from).collect(), total, page: page.page, limit: page.limit };
+    drop(conn);
+    let (rows, next_cursor) = pages::split(rows, page, |row| Cursor { created_at: row.created_at, id: row.id });
+    let users = rows.into_iter().map(User::from).collect();
+    let body = UserPage { users, total, page: page.page, limit: page.limit, next_cursor };
     Ok(response::json(StatusCode::OK, &body))
 }
 

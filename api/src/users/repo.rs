@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::validate::{ValidChanges, ValidUser};
 use crate::http::query::Pagination;
+use crate::pages;
 
 /// Name of the unique index on `lower(email)`, as PostgreSQL reports it in a violation.
 pub const EMAIL_UNIQUE_INDEX: &str = "users_email_lower_key";
@@ -57,15 +58,19 @@ pub async fn delete(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<Use
     diesel::delete(users::table.find(id)).returning(UserRow::as_returning()).get_result(conn).await.optional()
 }
 
-/// One page, newest first (`created_at DESC, id DESC`, served by an index), and the total count.
+/// One page, newest first (`created_at DESC, id DESC`, served by an index), with one extra row when
+/// another page follows (see [`pages::split`]), and the total count.
 pub async fn list(conn: &mut AsyncPgConnection, page: Pagination) -> Result<(Vec<UserRow>, i64), DieselError> {
-    let rows = users::table
+    let mut query = users::table
         .select(UserRow::as_select())
         .order((users::created_at.desc(), users::id.desc()))
-        .limit(i64::from(page.limit))
-        .offset(page.offset())
-        .load(conn)
-        .await?;
-    let total = users::table.count().get_result(conn).await?;
+        .limit(pages::rows_to_fetch(page))
+        .into_boxed();
+    query = match page.after {
+        Some(cursor) => query.filter(pages::listed_after(cursor)),
+        None => query.offset(page.offset()),
+    };
+    let rows = query.load(conn).await?;
+    let total = pages::row_count(conn, "users").await?;
     Ok((rows, total))
 }

@@ -116,14 +116,26 @@ async fn list_filters_by_user_and_type() {
     let (_, by_type) = app.get("/api/v1/events?type=click").await;
     assert_eq!(by_type["total"], 1);
     let (_, none) = app.get(&format!("/api/v1/events?user_id={}", Uuid::new_v4())).await;
-    assert_eq!(none, json!({"events": [], "total": 0, "page": 1, "limit": 10}));
+    assert_eq!(none, json!({"events": [], "total": 0, "page": 1, "limit": 10, "next_cursor": null}));
     let created: Vec<_> =
         all["events"].as_array().unwrap().iter().map(|e| e["created_at"].as_str().unwrap().to_owned()).collect();
     let mut sorted = created.clone();
     sorted.sort_by(|a, b| b.cmp(a));
     assert_eq!(created, sorted, "newest first");
 
-    for query in ["user_id=nope", "type=bad%20type", "page=0", "limit=500"] {
+    // A filtered walk by cursor.
+    let cursor = page["next_cursor"].as_str().expect("alice has a second login");
+    let (_, second) = app.get(&format!("/api/v1/events?user_id={alice}&type=login&limit=1&cursor={cursor}")).await;
+    assert_eq!(second["events"].as_array().unwrap().len(), 1);
+    assert_ne!(second["events"][0]["id"], page["events"][0]["id"]);
+    assert!(second["next_cursor"].is_null(), "{second}");
+
+    // Deleting a user takes their events out of the unfiltered total too (the cascade is counted).
+    assert_eq!(app.delete(&format!("/api/v1/users/{alice}")).await, 204);
+    let (_, all) = app.get("/api/v1/events").await;
+    assert_eq!(all["total"], 1);
+
+    for query in ["user_id=nope", "type=bad%20type", "page=0", "limit=500", "cursor=x"] {
         let (status, body) = app.get(&format!("/api/v1/events?{query}")).await;
         assert_eq!((status, error_code(&body)), (400, "validation_failed"), "{query}");
     }

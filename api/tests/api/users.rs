@@ -162,7 +162,7 @@ async fn list_is_newest_first_with_total_and_validated_paging() {
     let app = spawn_app().await;
     let (status, empty) = app.get("/api/v1/users").await;
     assert_eq!(status, 200);
-    assert_eq!(empty, json!({"users": [], "total": 0, "page": 1, "limit": 10}));
+    assert_eq!(empty, json!({"users": [], "total": 0, "page": 1, "limit": 10, "next_cursor": null}));
 
     let mut ids = Vec::new();
     for n in 0..5 {
@@ -181,14 +181,70 @@ async fn list_is_newest_first_with_total_and_validated_paging() {
     let listed: Vec<_> = page3["users"].as_array().unwrap().iter().map(|u| u["id"].clone()).collect();
     assert_eq!(listed, ids[4..]);
 
+    assert!(page3["next_cursor"].is_null(), "the last page has no next page");
+
     let (_, beyond) = app.get("/api/v1/users?page=9").await;
     assert_eq!(beyond["users"], json!([]));
     assert_eq!(beyond["total"], 5);
 
-    for query in ["page=0", "page=-1", "page=x", "limit=0", "limit=101", "limit=", "page=1.5"] {
+    let cursor = page["next_cursor"].as_str().expect("a next page exists").to_owned();
+    for query in
+        ["page=0", "page=-1", "page=x", "limit=0", "limit=101", "limit=", "page=1.5", "cursor=", "cursor=bm9wZQ"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain([format!("cursor={cursor}&page=2")])
+    {
         let (status, body) = app.get(&format!("/api/v1/users?{query}")).await;
         assert_eq!((status, error_code(&body)), (400, "validation_failed"), "{query}");
     }
+}
+
+/// Walking by `next_cursor` visits every user once, in list order, even across equal timestamps;
+/// `total` follows creates and deletes.
+#[tokio::test(flavor = "multi_thread")]
+async fn cursor_pages_walk_every_user_once_and_total_follows_writes() {
+    let app = spawn_app().await;
+    let mut created = Vec::new();
+    for n in 0..7 {
+        created.push(app.create_user(&unique_email(&format!("walk{n}"))).await["id"].as_str().unwrap().to_owned());
+    }
+    // Three users share one timestamp: the cursor must break the tie by id, neither skipping nor repeating.
+    let url = app.config.database.connection_string("test");
+    let mut conn = <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&url).await.unwrap();
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query(format!(
+            "UPDATE users SET created_at = '2026-01-01T00:00:00Z' WHERE id IN ('{}', '{}', '{}')",
+            created[1], created[2], created[3]
+        )),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    let (_, everything) = app.get("/api/v1/users?limit=100").await;
+    let expected: Vec<String> =
+        everything["users"].as_array().unwrap().iter().map(|u| u["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(expected.len(), 7);
+
+    let mut walked = Vec::new();
+    let mut query = "limit=2".to_owned();
+    loop {
+        let (status, page) = app.get(&format!("/api/v1/users?{query}")).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["total"], 7);
+        walked.extend(page["users"].as_array().unwrap().iter().map(|u| u["id"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(cursor) => {
+                assert!(page.get("page").is_none() || query == "limit=2", "a cursor page has no page number: {page}");
+                query = format!("cursor={cursor}&limit=2");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(walked, expected);
+
+    assert_eq!(app.delete(&format!("/api/v1/users/{}", created[0])).await, 204);
+    let (_, after_delete) = app.get("/api/v1/users").await;
+    assert_eq!(after_delete["total"], 6);
 }
 
 #[tokio::test(flavor = "multi_thread")]

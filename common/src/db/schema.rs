@@ -26,6 +26,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    row_counts (table_name, shard) {
+        table_name -> Text,
+        shard -> Int4,
+        count -> Int8,
+    }
+}
+
+diesel::table! {
     user_event_stats (user_id, event_type) {
         user_id -> Uuid,
         #[sql_name = "type"]
@@ -50,4 +58,4 @@ diesel::table! {
 diesel::joinable!(events -> users (user_id));
 diesel::joinable!(user_event_stats -> users (user_id));
 
-diesel::allow_tables_to_appear_in_same_query!(events, outbox, user_event_stats, users);
+diesel::allow_tables_to_appear_in_same_query!(events, outbox, row_counts, user_event_stats, users);

@@ -1,0 +1,49 @@
+//! What the list endpoints share: exact totals from the trigger-kept `row_counts` (so no page counts a
+//! whole table), keyset positions, and telling from one extra row whether a next page exists.
+
+use common::db::schema::row_counts;
+use diesel::dsl::sql;
+use diesel::pg::Pg;
+use diesel::prelude::*;
+use diesel::result::Error as DieselError;
+use diesel::sql_types::{BigInt, Bool, Timestamptz, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::http::query::{Cursor, Pagination};
+
+/// How many rows `table` has, from the counters its triggers keep (migration `row_counts`).
+pub async fn row_count(conn: &mut AsyncPgConnection, table: &str) -> Result<i64, DieselError> {
+    row_counts::table
+        .filter(row_counts::table_name.eq(table))
+        .select(sql::<BigInt>("coalesce(sum(count), 0)::bigint"))
+        .get_result(conn)
+        .await
+}
+
+/// Rows listed after `cursor` in `created_at DESC, id DESC` order. A row comparison, so that
+/// PostgreSQL walks the `(created_at DESC, id DESC)` index from the cursor on instead of skipping.
+pub fn listed_after<QS>(cursor: Cursor) -> Box<dyn BoxableExpression<QS, Pg, SqlType = Bool>> {
+    Box::new(
+        sql::<Bool>("(created_at, id) < (")
+            .bind::<Timestamptz, _>(cursor.created_at)
+            .sql(", ")
+            .bind::<SqlUuid, _>(cursor.id)
+            .sql(")"),
+    )
+}
+
+/// Rows to fetch for a page: one more than it shows, to know whether another page follows.
+pub fn rows_to_fetch(page: Pagination) -> i64 {
+    i64::from(page.limit) + 1
+}
+
+/// Cuts the extra row off and returns the page with the cursor of the next one, if there is one.
+pub fn split<R>(mut rows: Vec<R>, page: Pagination, cursor_of: impl Fn(&R) -> Cursor) -> (Vec<R>, Option<String>) {
+    let limit = page.limit as usize;
+    if rows.len() <= limit {
+        return (rows, None);
+    }
+    rows.truncate(limit);
+    let next = rows.last().map(|row| cursor_of(row).encode());
+    (rows, next)
+}
