@@ -24,6 +24,8 @@
 //! - `KAFKA_SESSION_TIMEOUT_MS` [10000], `KAFKA_HEARTBEAT_INTERVAL_MS` [1000]: consumer group liveness.
 //! - `KAFKA_LINGER_MS` [5]: producer batching delay; `KAFKA_MESSAGE_TIMEOUT_MS` [0 = never]: how long
 //!   the producer retries a message before giving it back to the outbox relay.
+//! - `KAFKA_FETCH_WAIT_MAX_MS` [100]: longest a consumer fetch waits on the broker for new messages,
+//!   which is also how long a new event can sit in Kafka before the worker sees it.
 //! - `EVENT_MAX_DATA_BYTES` [65536]: largest serialized `data` of an event (413 beyond).
 //! - `OUTBOX_BATCH_SIZE` [500], `OUTBOX_POLL_INTERVAL_MS` [100]: the api's outbox relay.
 //! - `WORKER_HTTP_PORT` [8081], `WORKER_CONCURRENCY` [16], `WORKER_MAX_RETRIES` [5],
@@ -91,6 +93,8 @@ pub struct KafkaConfig {
     /// idempotent producer whose messages timed out must bump its epoch, and that recovery fails on
     /// some brokers (tansu answers ProducerFenced from then on); retrying in librdkafka keeps order.
     pub message_timeout: Duration,
+    /// Consumer `fetch.wait.max.ms`.
+    pub fetch_wait_max: Duration,
 }
 
 impl KafkaConfig {
@@ -298,6 +302,7 @@ impl Config {
                 heartbeat_interval: env.millis("KAFKA_HEARTBEAT_INTERVAL_MS", 1_000)?,
                 linger: env.millis("KAFKA_LINGER_MS", 5)?,
                 message_timeout: env.millis("KAFKA_MESSAGE_TIMEOUT_MS", 0)?,
+                fetch_wait_max: env.millis("KAFKA_FETCH_WAIT_MAX_MS", 100)?,
             },
             events: EventsConfig { max_data_bytes: env.parse("EVENT_MAX_DATA_BYTES", 65_536)? },
             outbox: OutboxConfig {
