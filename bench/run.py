@@ -267,9 +267,14 @@ def measure_http(stack, args, ids_file, users):
 
 
 def measure_worker(stack, args, ids_file):
-    log("worker: draining the backlog of the HTTP phase")
+    # The HTTP phase left its events in Kafka with no worker running: draining that backlog measures
+    # the worker alone (Kafka → PostgreSQL), from the first to the last processed_at.
+    log("worker: draining the backlog of the HTTP phase (the worker's own throughput)")
     stack.start_worker()
     drain(stack, timeout=600)
+    backlog, span = psql("""SELECT count(*), coalesce(extract(epoch FROM max(processed_at) - min(processed_at)), 0)
+                              FROM events WHERE type = 'bench' AND status = 'processed'""", stack.db, capture=True).split("|")
+    backlog_rate = int(backlog) / max(float(span), 1e-3)
     seconds = 2 if args.smoke else 15
     log(f"worker: end-to-end throughput (POST as fast as possible for {seconds}s, until all processed)")
     processed_sql = "SELECT count(*) FROM events WHERE status = 'processed' AND type = 'bench'"
@@ -281,14 +286,15 @@ def measure_worker(stack, args, ids_file):
     processed = int(psql(processed_sql, stack.db, capture=True)) - before
     throughput = processed / elapsed
     rate = max(10, int(throughput / 2))
-    log(f"worker: processing delay at a fixed {rate}/s (half the throughput)")
+    log(f"worker: processing delay at a fixed {rate}/s (half the end-to-end throughput)")
     marker = psql("SELECT now()", stack.db, capture=True)
     subprocess.run([RELEASE / "fixed-rate", stack.url("api", ""), str(rate), str(seconds), str(ids_file)],
                    check=True, capture_output=True)
     drain(stack, timeout=300)
     p99 = float(psql(f"""SELECT coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM processed_at - created_at)), 0)
                            FROM events WHERE type = 'bench' AND created_at > '{marker}'""", stack.db, capture=True))
-    return {"events": processed, "seconds": elapsed, "throughput": throughput, "fixed_rate": rate, "delay_p99_ms": p99 * 1000}
+    return {"events": processed, "seconds": elapsed, "throughput": throughput, "fixed_rate": rate,
+            "delay_p99_ms": p99 * 1000, "backlog": int(backlog), "backlog_rate": backlog_rate}
 
 
 def drain(stack, timeout):
@@ -322,10 +328,12 @@ def report(args, results, ratios, worker, memory, users, events):
         ok = median >= goal
         failures += not ok
         lines.append(f"| {description} | {median:.2f} | {worst:.2f} | ≥ {goal:.2f} | {'pass' if ok else 'FAIL'} |")
-    worker_ok = worker["throughput"] >= 5000
+    worker_ok = worker["backlog_rate"] >= 5000
+    e2e_ok = worker["throughput"] >= 5000
     delay_ok = worker["delay_p99_ms"] < 250
     lines += ["", "| worker | value | goal | result |", "|---|---|---|---|",
-              f"| end-to-end throughput (POST → processed) | {worker['throughput']:,.0f} events/s ({worker['events']} in {worker['seconds']:.1f} s) | ≥ 5,000 | {'pass' if worker_ok else 'FAIL'} |",
+              f"| worker throughput (a backlog in Kafka → processed) | {worker['backlog_rate']:,.0f} events/s ({worker['backlog']} events) | ≥ 5,000 | {'pass' if worker_ok else 'FAIL'} |",
+              f"| end-to-end throughput (POST → processed, api and worker on the same 2 cores) | {worker['throughput']:,.0f} events/s ({worker['events']} in {worker['seconds']:.1f} s) | ≥ 5,000 | {'pass' if e2e_ok else 'FAIL'} |",
               f"| p99 processing delay at {worker['fixed_rate']}/s | {worker['delay_p99_ms']:.0f} ms | < 250 ms | {'pass' if delay_ok else 'FAIL'} |"]
     lines += ["", "| memory (RSS) | MB | goal | result |", "|---|---|---|---|"]
     for name, (value, goal) in memory.items():
