@@ -15,7 +15,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `GET /health/live`: the process runs. Touches nothing else.
 pub fn live() -> HttpResponse {
-    response::json(StatusCode::OK, &json!({"status": "ok"}))
+    // A constant: the probe is hit every few seconds by every kubelet, and benchmarked as the floor.
+    response::json_bytes(StatusCode::OK, bytes::Bytes::from_static(br#"{"status":"ok"}"#))
 }
 
 /// `GET /health/ready`: PostgreSQL answers and shutdown has not begun.

@@ -26,7 +26,9 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// Serves one request. Infallible: every failure becomes a JSON error response.
 pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse {
     let started = Instant::now();
-    let request_id = request_id(&request);
+    let request_id_header = request_id(&request);
+    // Only visible ASCII gets in (see `request_id`), so the text form always exists.
+    let request_id = request_id_header.to_str().unwrap_or_default();
     let method = request.method().clone();
     let route = state.routes.lookup(method.as_str(), request.uri().path());
     let template = match &route {
@@ -44,7 +46,7 @@ pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse
         } else {
             state.metrics.http_in_flight.inc();
             let deadline = state.config.server.request_timeout;
-            let result = match tokio::time::timeout(deadline, dispatch(&state, &request_id, route, request)).await {
+            let result = match tokio::time::timeout(deadline, dispatch(&state, request_id, route, request)).await {
                 Ok(result) => result,
                 Err(_) => Err(ApiError::Timeout),
             };
@@ -52,10 +54,8 @@ pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse
             result
         };
         drop(permit);
-        let mut response = result.unwrap_or_else(|err| err.into_response(&request_id));
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert(REQUEST_ID_HEADER, value);
-        }
+        let mut response = result.unwrap_or_else(|err| err.into_response(request_id));
+        response.headers_mut().insert(REQUEST_ID_HEADER, request_id_header.clone());
         let elapsed = started.elapsed();
         state.metrics.observe_request(template, method.as_str(), response.status().as_u16(), elapsed);
         tracing::info!(
@@ -111,14 +111,18 @@ fn parse_id(raw: Option<String>) -> Result<Uuid, ApiError> {
         .ok_or_else(|| ApiError::bad_request("invalid_id", "id must be a UUID"))
 }
 
-/// The client's `X-Request-Id` when it is short and printable, else a new UUID.
-fn request_id<B>(request: &Request<B>) -> String {
+/// The client's `X-Request-Id` when it is short and printable, else a new UUID; as a header value,
+/// since it is echoed on every response (the client's is shared, not copied).
+fn request_id<B>(request: &Request<B>) -> HeaderValue {
     request
         .headers()
         .get(REQUEST_ID_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| Uuid::new_v4().to_string(), str::to_owned)
+        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && id.as_bytes().iter().all(u8::is_ascii_graphic))
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(Uuid::new_v4().to_string()))
+                .expect("a UUID is a valid header value")
+        })
 }
 
 #[cfg(test)]
@@ -130,8 +134,8 @@ mod tests {
         let with = |value: &str| Request::builder().header(REQUEST_ID_HEADER, value).body(()).unwrap();
         assert_eq!(request_id(&with("abc-123")), "abc-123");
         assert_ne!(request_id(&with("has space")), "has space");
-        assert_ne!(request_id(&with(&"x".repeat(129))), "x".repeat(129));
+        assert_ne!(request_id(&with(&"x".repeat(129))), "x".repeat(129).as_str());
         let generated = request_id(&Request::builder().body(()).unwrap());
-        assert!(Uuid::try_parse(&generated).is_ok());
+        assert!(Uuid::try_parse(generated.to_str().unwrap()).is_ok());
     }
 }
