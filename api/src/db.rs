@@ -99,24 +99,12 @@ impl From<bb8::RunError<PoolError>> for ApiError {
 
 impl From<DieselError> for ApiError {
     fn from(err: DieselError) -> Self {
-        match &err {
-            DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => {
-                ApiError::Unavailable(anyhow::Error::new(err).context("lost the PostgreSQL connection"))
-            }
-            // SQLSTATE 57014 (statement timeout) and 57P01..03 (server shutting down) reach diesel as
-            // `Unknown`; only their messages tell them apart.
-            DieselError::DatabaseError(DatabaseErrorKind::Unknown, info) if is_transient_message(info.message()) => {
-                ApiError::Unavailable(anyhow::Error::new(err).context("PostgreSQL could not serve the query"))
-            }
-            _ => ApiError::Internal(anyhow::Error::new(err).context("database query failed")),
+        if common::pool::is_transient(&err) {
+            ApiError::Unavailable(anyhow::Error::new(err).context("PostgreSQL could not serve the query"))
+        } else {
+            ApiError::Internal(anyhow::Error::new(err).context("database query failed"))
         }
     }
-}
-
-fn is_transient_message(message: &str) -> bool {
-    ["canceling statement due to statement timeout", "terminating connection", "the database system is"]
-        .iter()
-        .any(|needle| message.contains(needle))
 }
 
 /// Whether `err` is a unique violation of the constraint or index `name`.

@@ -6,11 +6,11 @@
 //! Events are applied in batches (one statement per batch): a commit per event is what bounds a
 //! worker's throughput on PostgreSQL, not the work inside it.
 
-use common::kafka::{EventMessage, lifecycle};
-use common::pool::DbPool;
-use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use std::collections::HashSet;
 
+use common::kafka::{EventMessage, lifecycle};
+use common::pool::DbPool;
+use diesel::result::Error as DieselError;
 use diesel::sql_types::{Array, Uuid as SqlUuid};
 use diesel::{QueryableByName, sql_query};
 use diesel_async::RunQueryDsl;
@@ -119,18 +119,9 @@ pub async fn mark_failed(pool: &DbPool, event_id: Uuid) -> Result<(), EffectErro
 }
 
 fn classify(err: DieselError) -> EffectError {
-    let transient = match &err {
-        DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => true,
-        DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => true,
-        DieselError::DatabaseError(_, info) => [
-            "deadlock detected",
-            "canceling statement due to statement timeout",
-            "terminating connection",
-            "the database system is",
-        ]
-        .iter()
-        .any(|needle| info.message().contains(needle)),
-        _ => false,
-    };
-    if transient { EffectError::Unavailable(err.to_string()) } else { EffectError::Failed(err.to_string()) }
+    if common::pool::is_transient(&err) {
+        EffectError::Unavailable(err.to_string())
+    } else {
+        EffectError::Failed(err.to_string())
+    }
 }
