@@ -8,12 +8,21 @@
 //! entry can never have expired before the stale fill lands.
 //!
 //! Redis is never on the critical path: each call has a short timeout, errors are logged and turn
-//! into a miss, and after a read failure reads skip Redis for a moment instead of each paying the
-//! timeout. A write whose cache update fails is retried in the background until it lands or the old
-//! entry has surely expired; meanwhile this replica bypasses the cache for that user.
+//! into a miss, and after a failure reads skip Redis for a moment instead of each paying the
+//! timeout. A write whose cache update fails is retried in the background (every
+//! [`WRITE_RETRY_INTERVAL`] at most) until it lands or the old entry has surely expired; meanwhile
+//! this replica bypasses the cache for that user.
+//!
+//! Other replicas do not know which writes failed, so after an outage a replica trusts Redis again
+//! only once it has answered for a whole [`READ_BACKOFF`]: long enough for every replica's failed
+//! writes to land first (chaos-tested: `worker/tests/pipeline/chaos`). What no cache-aside design can
+//! cover without failing writes is a replica cut off from Redis while others still reach it: they may
+//! serve the previous state until the cut-off replica's retry lands.
+
+mod connections;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +30,8 @@ use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
 use common::config::RedisConfig;
 use prometheus::IntCounterVec;
-use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Script};
+use redis::aio::MultiplexedConnection;
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, RedisResult, Script};
 use uuid::Uuid;
 
 /// Stores `ARGV[1] | ARGV[2]` with a TTL of `ARGV[3]` ms unless the entry has an equal or newer version.
@@ -37,8 +47,12 @@ redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[3])
 return 1
 ";
 
-/// After a failed read, reads skip Redis this long.
+/// After a failure, reads skip Redis this long, and after that until Redis has answered for this long.
 const READ_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Longest pause between retries of a cache update that failed; well under [`READ_BACKOFF`], so a
+/// retry lands before any replica reads again after an outage.
+const WRITE_RETRY_INTERVAL: Duration = Duration::from_millis(200);
 
 /// What the cache knows about a user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +70,7 @@ pub enum Lookup {
 pub struct UserCache(Option<Arc<Inner>>);
 
 struct Inner {
-    pool: bb8::Pool<RedisConnectionManager>,
+    pool: bb8::Pool<connections::Manager>,
     key_prefix: String,
     ttl: Duration,
     timeout: Duration,
@@ -64,6 +78,8 @@ struct Inner {
     started: Instant,
     /// Milliseconds since `started` before which reads skip Redis.
     reads_paused_until_ms: AtomicU64,
+    /// A call failed since Redis last proved healthy: the next read probes instead of reading.
+    suspect: AtomicBool,
     /// Users whose latest write has not reached Redis yet.
     pending_writes: Mutex<HashSet<Uuid>>,
     /// Size of `pending_writes`, so the hot path skips the lock when nothing is pending.
@@ -78,7 +94,7 @@ impl UserCache {
         let Some(ttl) = config.cache_ttl else {
             return Ok(Self(None));
         };
-        let manager = RedisConnectionManager::new(connection_info(config)?)?;
+        let manager = connections::Manager(RedisConnectionManager::new(connection_info(config)?)?);
         let pool = bb8::Pool::builder()
             .max_size(config.pool_max_size.get())
             .connection_timeout(config.timeout)
@@ -93,6 +109,7 @@ impl UserCache {
             compare_and_set: Script::new(COMPARE_AND_SET),
             started: Instant::now(),
             reads_paused_until_ms: AtomicU64::new(0),
+            suspect: AtomicBool::new(false),
             pending_writes: Mutex::new(HashSet::new()),
             pending_count: std::sync::atomic::AtomicUsize::new(0),
             operations,
@@ -102,16 +119,13 @@ impl UserCache {
     /// Looks a user up. Never fails: any problem is a [`Lookup::Miss`].
     pub async fn get(&self, id: Uuid) -> Lookup {
         let Some(inner) = &self.0 else { return Lookup::Miss };
-        if inner.reads_paused() || inner.is_pending(id) {
+        if inner.reads_paused() || inner.is_pending(id) || inner.probing_after_outage().await {
             inner.count("get", "skipped");
             return Lookup::Miss;
         }
         let key = inner.key(id);
         let result = inner
-            .with_timeout(async {
-                let mut conn = inner.connection().await?;
-                redis::cmd("GET").arg(&key).query_async::<Option<Vec<u8>>>(&mut conn).await
-            })
+            .call(|mut conn| async move { redis::cmd("GET").arg(&key).query_async::<Option<Vec<u8>>>(&mut conn).await })
             .await;
         match result {
             Ok(Some(entry)) => {
@@ -169,6 +183,7 @@ impl UserCache {
         if let Err(err) = inner.compare_and_set(id, version, &body).await {
             inner.count("write", "error");
             tracing::warn!(error = %err, "cache update after a write failed; retrying in the background");
+            inner.pause_reads();
             inner.retry_in_background(id, version, body);
         }
     }
@@ -176,13 +191,7 @@ impl UserCache {
     /// Round-trips a PING, for health checks.
     pub async fn ping(&self) -> Result<(), String> {
         let Some(inner) = &self.0 else { return Err("cache disabled (CACHE_TTL=0)".into()) };
-        inner
-            .with_timeout(async {
-                let mut conn = inner.connection().await?;
-                redis::cmd("PING").query_async::<()>(&mut conn).await
-            })
-            .await
-            .map_err(|err| err.to_string())
+        inner.ping().await.map_err(|err| err.to_string())
     }
 
     /// Whether the cache is turned on.
@@ -192,13 +201,34 @@ impl UserCache {
 }
 
 impl Inner {
-    /// A handle on one of the pool's multiplexed connections. The checkout is returned at once: a
-    /// `MultiplexedConnection` clone shares the connection, so concurrent requests pipeline on it
-    /// instead of queueing for an exclusive checkout (measured in `bench/run`: the exclusive checkout
-    /// held cached GETs far below the Redis ceiling).
-    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        let pooled = self.pool.get().await.map_err(pool_error)?;
-        Ok((*pooled).clone())
+    /// Runs `operation` on one of the pool's multiplexed connections within the Redis timeout. The
+    /// checkout is returned at once: a `MultiplexedConnection` clone shares the connection, so
+    /// concurrent requests pipeline on it instead of queueing for an exclusive checkout (measured in
+    /// `bench/run`: the exclusive checkout held cached GETs far below the Redis ceiling). A failure
+    /// of the connection itself discards it, so the pool dials a new one.
+    async fn call<T, Fut>(&self, operation: impl FnOnce(MultiplexedConnection) -> Fut) -> RedisResult<T>
+    where
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let connection = match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Ok(pooled) => pooled.map_err(pool_error)?.clone(),
+            Err(_) => return Err(timed_out()),
+        };
+        let result = match tokio::time::timeout_at(deadline, operation(connection.redis.clone())).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out()),
+        };
+        if let Err(err) = &result
+            && connections::breaks_connection(err)
+        {
+            connection.discard();
+        }
+        result
+    }
+
+    async fn ping(&self) -> RedisResult<()> {
+        self.call(|mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await }).await
     }
 
     fn count(&self, operation: &str, result: &str) {
@@ -209,18 +239,10 @@ impl Inner {
         format!("{}user:{}", self.key_prefix, id)
     }
 
-    async fn with_timeout<T>(&self, operation: impl Future<Output = redis::RedisResult<T>>) -> redis::RedisResult<T> {
-        match tokio::time::timeout(self.timeout, operation).await {
-            Ok(result) => result,
-            Err(_) => Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out"))),
-        }
-    }
-
-    async fn compare_and_set(&self, id: Uuid, version: i64, body: &[u8]) -> redis::RedisResult<()> {
+    async fn compare_and_set(&self, id: Uuid, version: i64, body: &[u8]) -> RedisResult<()> {
         let key = self.key(id);
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
-        self.with_timeout(async {
-            let mut conn = self.connection().await?;
+        self.call(|mut conn| async move {
             self.compare_and_set
                 .key(&key)
                 .arg(version)
@@ -242,8 +264,31 @@ impl Inner {
     }
 
     fn pause_reads(&self) {
+        self.suspect.store(true, Ordering::Relaxed);
+        self.extend_pause();
+    }
+
+    fn extend_pause(&self) {
         let until = self.now_ms() + u64::try_from(READ_BACKOFF.as_millis()).unwrap_or(u64::MAX);
         self.reads_paused_until_ms.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// After a failure, the first read past the pause probes Redis (one caller at a time) instead of
+    /// reading: if Redis answers, reads stay off for another [`READ_BACKOFF`], which lets the writes
+    /// that failed during the outage, on every replica, land before this one trusts Redis again.
+    /// Returns whether the caller must skip Redis.
+    async fn probing_after_outage(&self) -> bool {
+        if !self.suspect.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.suspect.compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+            return true; // another request is probing
+        }
+        match self.ping().await {
+            Ok(()) => self.extend_pause(),
+            Err(_) => self.pause_reads(),
+        }
+        true
     }
 
     fn is_pending(&self, id: Uuid) -> bool {
@@ -267,7 +312,7 @@ impl Inner {
                 if inner.compare_and_set(id, version, &body).await.is_ok() {
                     break;
                 }
-                delay = (delay * 2).min(Duration::from_secs(2));
+                delay = (delay * 2).min(WRITE_RETRY_INTERVAL);
             }
             if let Ok(mut pending) = inner.pending_writes.lock() {
                 pending.remove(&id);
@@ -285,14 +330,18 @@ fn decode(entry: Bytes) -> Lookup {
     if body.is_empty() { Lookup::Deleted } else { Lookup::Hit(body) }
 }
 
-fn pool_error(err: bb8::RunError<redis::RedisError>) -> redis::RedisError {
+fn pool_error(err: bb8::RunError<RedisError>) -> RedisError {
     match err {
         bb8::RunError::User(err) => err,
-        bb8::RunError::TimedOut => redis::RedisError::from((redis::ErrorKind::Io, "no connection in time")),
+        bb8::RunError::TimedOut => RedisError::from((redis::ErrorKind::Io, "no connection in time")),
     }
 }
 
-fn connection_info(config: &RedisConfig) -> redis::RedisResult<ConnectionInfo> {
+fn timed_out() -> RedisError {
+    RedisError::from((redis::ErrorKind::Io, "timed out"))
+}
+
+fn connection_info(config: &RedisConfig) -> RedisResult<ConnectionInfo> {
     let mut redis_settings = redis::RedisConnectionInfo::default().set_db(i64::from(config.db));
     if let Some(password) = &config.password {
         redis_settings = redis_settings.set_password(password.expose());

@@ -132,3 +132,39 @@ async fn cache_can_be_turned_off() {
         (Some("healthy"), Some("disabled"))
     );
 }
+
+/// Redis cut and restored: a write that could not update the cache while Redis was away still reaches
+/// it afterwards (the connections the cut broke are replaced, not kept forever), so a replica that
+/// reads Redis after the outage never gets the state before that write.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_redis_outage_the_writes_it_missed_still_reach_the_cache() {
+    let redis = testkit::service_vars();
+    let upstream = tokio::net::lookup_host(format!("{}:{}", redis["REDIS_HOST"], redis["REDIS_PORT"]))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let (listener, proxy_addr) = testkit::FaultProxy::bind().await;
+    let proxy = testkit::FaultProxy::start(listener, upstream);
+    let writer = spawn_app_with(&[("REDIS_PORT", &proxy_addr.port().to_string())]).await;
+    let user = writer.create_user(&unique_email("outage")).await;
+    let path = format!("/api/v1/users/{}", user["id"].as_str().unwrap());
+    // The writer holds an established Redis connection, and Redis holds the user, when the cut comes.
+    assert_eq!(writer.get(&path).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the fill land
+
+    proxy.cut();
+    let (status, _) = writer.put(&path, json!({"first_name": "DuringOutage"})).await;
+    assert_eq!(status, 200, "a write succeeds without Redis");
+    proxy.restore();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A replica that never saw the outage (e.g. started after it) trusts Redis at once.
+    let reader = spawn_replica(&writer).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let (status, seen) = reader.get(&path).await;
+        assert_eq!((status, seen["first_name"].as_str()), (200, Some("DuringOutage")), "stale read after the outage");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
