@@ -196,6 +196,16 @@ impl Stack {
         diesel::sql_query(sql).get_result::<Count>(&mut conn).await.unwrap().count
     }
 
+    /// Rows waiting in the outbox.
+    pub async fn outbox_rows(&self) -> i64 {
+        self.count("SELECT count(*) AS count FROM outbox").await
+    }
+
+    /// A user's stats as served by the api at `api`.
+    pub async fn stats_from(&self, api: &str, user_id: &str) -> Value {
+        self.client.get(format!("{api}/api/v1/users/{user_id}/stats")).send().await.unwrap().json().await.unwrap()
+    }
+
     /// Events not yet processed.
     pub async fn pending_events(&self) -> i64 {
         self.count("SELECT count(*) AS count FROM events WHERE status = 'pending'").await
@@ -204,7 +214,7 @@ impl Stack {
     /// Waits until every event is processed (or failed) and the outbox is empty.
     pub async fn wait_until_drained(&self, timeout: Duration) {
         testkit::eventually("every event processed and the outbox drained", timeout, || async {
-            let outbox = self.count("SELECT count(*) AS count FROM outbox").await;
+            let outbox = self.outbox_rows().await;
             (outbox == 0 && self.pending_events().await == 0).then_some(())
         })
         .await;

@@ -3,8 +3,10 @@
 
 #![expect(clippy::unwrap_used, reason = "test helpers: a panic is how a test reports failure")]
 
+mod chaos;
 mod delivery;
 mod faults;
 mod group;
 mod helpers;
 mod lifecycle;
+mod outages;

@@ -1,0 +1,150 @@
+//! Outages of PostgreSQL and crashes of the api (SPEC §3): requests fail fast and honestly while the
+//! database is away, everything recovers by itself, and no acknowledged event is lost or applied twice.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use testkit::FaultProxy;
+
+use crate::helpers::Stack;
+
+/// A proxy in front of the test PostgreSQL server, and the `DB_PORT` that goes through it.
+async fn postgres_proxy() -> (FaultProxy, String) {
+    let vars = testkit::service_vars();
+    let upstream =
+        tokio::net::lookup_host(format!("{}:{}", vars["DB_HOST"], vars["DB_PORT"])).await.unwrap().next().unwrap();
+    let (listener, addr) = FaultProxy::bind().await;
+    (FaultProxy::start(listener, upstream), addr.port().to_string())
+}
+
+async fn wait_live(stack: &Stack, api: &str) {
+    testkit::eventually("the api process to listen", Duration::from_secs(30), || async {
+        stack.client.get(format!("{api}/health/live")).send().await.ok().filter(|r| r.status() == 200)
+    })
+    .await;
+}
+
+async fn post_events(stack: &Stack, api: &str, user: &str, count: usize) -> usize {
+    let mut acknowledged = 0;
+    for n in 0..count {
+        let body = json!({"user_id": user, "type": "outage", "data": n});
+        let response = stack.client.post(format!("{api}/api/v1/events")).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 201);
+        acknowledged += 1;
+    }
+    acknowledged
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_postgres_cut_the_api_answers_503_promptly_and_recovers_without_a_restart() {
+    let (proxy, port) = postgres_proxy().await;
+    let stack = Stack::start(&[("DB_PORT", &port), ("DB_POOL_TIMEOUT_MS", "1000"), ("DB_CONNECT_TIMEOUT", "2")]).await;
+    let user = stack.create_user().await;
+    let path = format!("/api/v1/users/{user}");
+    assert_eq!(stack.client.get(stack.url("/health/ready")).send().await.unwrap().status(), 200);
+
+    proxy.cut();
+    for (method, url, body) in [
+        ("GET", stack.url("/api/v1/users?limit=1"), None),
+        ("PUT", stack.url(&path), Some(json!({"first_name": "Cut"}))),
+        ("POST", stack.url("/api/v1/events"), Some(json!({"user_id": user, "type": "cut", "data": 1}))),
+    ] {
+        let started = Instant::now();
+        let mut request = stack.client.request(method.parse().unwrap(), &url);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(response.status(), 503, "{method} {url}");
+        assert!(response.headers().contains_key("retry-after"), "{method} {url}: Retry-After");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "service_unavailable", "{body}");
+        // Bounded by the pool's checkout timeout, far below the request timeout.
+        assert!(elapsed < Duration::from_secs(5), "{method} took {elapsed:?} with PostgreSQL cut");
+    }
+    assert_eq!(stack.client.get(stack.url("/health/ready")).send().await.unwrap().status(), 503);
+    assert_eq!(stack.client.get(stack.url("/health/live")).send().await.unwrap().status(), 200);
+
+    proxy.restore();
+    testkit::eventually("the api to serve again after PostgreSQL came back", Duration::from_secs(15), || async {
+        let response = stack.client.put(stack.url(&path)).json(&json!({"first_name": "Back"})).send().await.ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    assert_eq!(stack.client.get(stack.url("/health/ready")).send().await.unwrap().status(), 200);
+    assert_eq!(stack.get(&path).await["first_name"], "Back");
+}
+
+/// The worker cannot reach PostgreSQL while events keep arriving: it applies nothing, commits
+/// nothing, stays in its group (no rebalance), and applies every event exactly once when the
+/// database is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_postgres_cut_the_worker_waits_in_its_group_and_resumes_exactly_once() {
+    let (proxy, port) = postgres_proxy().await;
+    let stack = Stack::start(&[]).await;
+    let user = stack.create_user().await;
+    let mut worker =
+        stack.spawn_binary("worker", &[("DB_PORT", &port), ("LOG_LEVEL", "info"), ("WORKER_RETRY_BACKOFF_MS", "100")]);
+    let before = post_events(&stack, &stack.url(""), &user, 5).await;
+    stack.wait_until_drained(Duration::from_secs(60)).await;
+
+    proxy.cut();
+    let during = post_events(&stack, &stack.url(""), &user, 50).await;
+    // Long enough for a poll-interval or session timeout to bite if the worker stopped polling.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(stack.pending_events().await, 50, "nothing applied while PostgreSQL is cut");
+    proxy.restore();
+    stack.wait_until_drained(Duration::from_secs(60)).await;
+
+    let stats = stack.stats(&user).await;
+    assert_eq!(stats["events_by_type"]["outage"], (before + during) as i64, "{stats}");
+    let assignments = worker.output().iter().filter(|line| line.contains("partitions assigned")).count();
+    let revocations = worker.output().iter().filter(|line| line.contains("partitions revoked")).count();
+    assert_eq!((assignments, revocations), (1, 0), "the worker kept its partitions through the outage");
+    worker.signal("TERM");
+    assert!(worker.exit_within(Duration::from_secs(30)).await.success());
+}
+
+/// kill -9 of the api while its outbox holds rows Kafka never acknowledged: another replica (or the
+/// restarted one) publishes them, and each is applied once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_api_killed_with_unpublished_outbox_rows_loses_none_of_them() {
+    let mut stack = Stack::start(&[]).await;
+    // The in-process replica would publish too; this test wants the killed process to be the only one.
+    stack.stop_primary_api().await;
+    let port = testkit::closed_port().to_string();
+    let api = format!("http://127.0.0.1:{port}");
+    let mut process = stack.spawn_binary("api", &[("SERVER_PORT", &port), ("RUN_MIGRATIONS", "false")]);
+    wait_live(&stack, &api).await;
+
+    stack.broker.proxy.cut();
+    let mut users = Vec::new();
+    for n in 0..4 {
+        let body = json!({"email": format!("crash{n}-{}@example.com", testkit::unique()), "first_name": "C", "last_name": "D"});
+        let response = stack.client.post(format!("{api}/api/v1/users")).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 201);
+        users.push(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+    }
+    let mut expected = HashMap::new();
+    for user in &users {
+        expected.insert(user.clone(), post_events(&stack, &api, user, 25).await);
+    }
+    process.signal("KILL");
+    process.exit_within(Duration::from_secs(10)).await;
+    assert!(stack.outbox_rows().await >= 100, "the outbox held the unpublished events at the crash");
+
+    stack.broker.proxy.restore();
+    let restarted = stack.spawn_binary("api", &[("SERVER_PORT", &port), ("RUN_MIGRATIONS", "false")]);
+    wait_live(&stack, &api).await;
+    let worker = stack.start_worker().await;
+    stack.wait_until_drained(Duration::from_secs(90)).await;
+    for (user, count) in &expected {
+        let stats = stack.stats_from(&api, user).await;
+        assert_eq!(stats["events_by_type"]["outage"], *count as i64, "{stats}");
+    }
+    assert_eq!(stack.counted_total().await, 100);
+    worker.stop().await;
+    drop(restarted);
+}
