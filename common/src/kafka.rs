@@ -67,7 +67,11 @@ impl EventMessage {
 /// Settings every client shares.
 pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.brokers).set("client.id", "highload-microservice");
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("client.id", "highload-microservice")
+        // Small requests answered one at a time: with Nagle on, each can wait out a delayed ACK.
+        .set("socket.nagle.disable", "true");
     client
 }
 

@@ -4,9 +4,12 @@
 //! connection. That keeps one user's events in order on the topic even with many replicas, and a
 //! replica that dies releases the lock with its session, so another takes over within
 //! [`STANDBY_POLL`]. Writes on this replica wake the relay at once; rows written by other replicas
-//! are found within `OUTBOX_POLL_INTERVAL_MS`. When Kafka is slow or down the rows simply stay in the
-//! outbox and are retried with backoff; requests never wait for Kafka.
+//! are found within `OUTBOX_POLL_INTERVAL_MS`. Up to [`MAX_BATCHES_IN_FLIGHT`] batches are sent
+//! before the oldest one's acknowledgements are awaited, so Kafka's acknowledgement latency is not
+//! paid once per batch. When Kafka is slow or down the rows simply stay in the outbox and are
+//! retried with backoff; requests never wait for Kafka.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,9 +19,9 @@ use common::db::schema::outbox;
 use common::kafka::headers;
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use futures_util::future::join_all;
+use futures_util::future::{JoinAll, join_all};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::{Notify, watch};
 
 /// Advisory lock key of the publishing replica (distinct from the migration lock).
@@ -26,6 +29,11 @@ const LEADER_LOCK_KEY: i64 = 0x0068_6c6d_736f_7574;
 
 /// How often a standby replica tries to become the publisher.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
+
+/// Batches sent before the oldest one's acknowledgements are awaited. Kafka acknowledges a batch in
+/// tens of milliseconds (acks=all); waiting for each before sending the next put that much delay on
+/// every event (measured: p50 ≈ 85 ms from commit to processed at 600 events/s with one batch in flight).
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
 /// Longest pause between retries while Kafka or PostgreSQL fail.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -54,10 +62,11 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Runs until `stop` turns true; finishes the batch in flight (bounded by `SHUTDOWN_TIMEOUT`),
+    /// Runs until `stop` turns true; finishes the batches in flight (bounded by `SHUTDOWN_TIMEOUT`),
     /// then flushes the producer.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut leader: Option<AsyncPgConnection> = None;
+        let mut in_flight: VecDeque<Batch> = VecDeque::new();
         let mut backoff = Duration::from_millis(100);
         while !stopped(&stop) {
             let Some(conn) = leader.as_mut() else {
@@ -67,15 +76,23 @@ impl Relay {
                 }
                 continue;
             };
-            match self.publish_batch(conn, &stop).await {
-                Ok(0) => {
-                    backoff = Duration::from_millis(100);
-                    wait(&mut stop, self.config.outbox.poll_interval, Some(&self.signal)).await;
-                }
-                Ok(_) => backoff = Duration::from_millis(100),
+            if let Err(err) = self.send_more(conn, &mut in_flight).await {
+                tracing::warn!(error = %err, "outbox relay lost its database connection; re-electing");
+                (leader, in_flight) = (None, VecDeque::new());
+                wait(&mut stop, backoff, None).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+            let Some(batch) = in_flight.pop_front() else {
+                backoff = Duration::from_millis(100);
+                wait(&mut stop, self.config.outbox.poll_interval, Some(&self.signal)).await;
+                continue;
+            };
+            match self.finish(conn, batch, &stop).await {
+                Ok(()) => backoff = Duration::from_millis(100),
                 Err(BatchError::Database(err)) => {
                     tracing::warn!(error = %err, "outbox relay lost its database connection; re-electing");
-                    leader = None;
+                    (leader, in_flight) = (None, VecDeque::new());
                     wait(&mut stop, backoff, None).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -84,15 +101,24 @@ impl Relay {
                         messages.failed = failed,
                         "Kafka did not acknowledge every outbox message; will retry"
                     );
-                    // A producer that gave messages up (KAFKA_MESSAGE_TIMEOUT_MS) or hit a fatal error
-                    // may stay unusable; a fresh one is always accepted, and rows it resends are
-                    // deduplicated by the worker's idempotency.
+                    // Everything still in flight is sent again from the outbox (the worker
+                    // deduplicates). A producer that gave messages up (KAFKA_MESSAGE_TIMEOUT_MS) or hit
+                    // a fatal error may stay unusable; a fresh one is always accepted.
+                    in_flight.clear();
                     match common::kafka::producer_config(&self.config.kafka).create() {
                         Ok(producer) => self.producer = producer,
                         Err(err) => tracing::error!(error = %err, "could not recreate the Kafka producer"),
                     }
                     wait(&mut stop, backoff, None).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        // Acknowledged rows are deleted; the others stay in the outbox for whoever publishes next.
+        if let Some(conn) = leader.as_mut() {
+            while let Some(batch) = in_flight.pop_front() {
+                if self.finish(conn, batch, &stop).await.is_err() {
+                    break;
                 }
             }
         }
@@ -129,25 +155,38 @@ impl Relay {
         }
     }
 
-    /// Publishes the oldest rows; returns how many were delivered and deleted.
-    async fn publish_batch(
-        &self,
-        conn: &mut AsyncPgConnection,
-        stop: &watch::Receiver<bool>,
-    ) -> Result<usize, BatchError> {
-        let rows: Vec<OutboxRow> = outbox::table
-            .select(OutboxRow::as_select())
-            .order(outbox::id)
-            .limit(i64::from(self.config.outbox.batch_size.get()))
-            .load(conn)
-            .await
-            .map_err(BatchError::Database)?;
-        if rows.is_empty() {
-            return Ok(0);
+    /// Sends the oldest rows not already in flight, a batch at a time, until
+    /// [`MAX_BATCHES_IN_FLIGHT`] batches await their acknowledgements or nothing is left.
+    async fn send_more(&self, conn: &mut AsyncPgConnection, in_flight: &mut VecDeque<Batch>) -> QueryResult<()> {
+        while in_flight.len() < MAX_BATCHES_IN_FLIGHT {
+            let sent: Vec<i64> = in_flight.iter().flat_map(|batch| batch.ids.iter().copied()).collect();
+            // Not "id > the last sent": a transaction that took a lower id may commit later.
+            let rows: Vec<OutboxRow> = outbox::table
+                .select(OutboxRow::as_select())
+                .filter(outbox::id.ne_all(&sent))
+                .order(outbox::id)
+                .limit(i64::from(self.config.outbox.batch_size.get()))
+                .load(conn)
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            let batch = self.send(&rows);
+            let full = batch.ids.len() == rows.len();
+            in_flight.push_back(batch);
+            if !full {
+                break; // the producer's queue is full: wait for acknowledgements first
+            }
         }
+        Ok(())
+    }
+
+    /// Hands rows to the producer; stops early if its local queue is full.
+    fn send(&self, rows: &[OutboxRow]) -> Batch {
         let topic = &self.config.kafka.topic;
-        let mut pending = Vec::with_capacity(rows.len());
-        for row in &rows {
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for row in rows {
             let key = row.user_id.to_string();
             let mut message_headers = OwnedHeaders::new()
                 .insert(Header { key: headers::CONTENT_TYPE, value: Some("application/json") })
@@ -158,18 +197,30 @@ impl Relay {
             }
             let record = FutureRecord::to(topic).key(&key).payload(&row.payload).headers(message_headers);
             match self.producer.send_result(record) {
-                Ok(delivery) => pending.push((row.id, delivery)),
-                // Local queue full: publish what is queued, the rest goes in the next batch.
+                Ok(delivery) => {
+                    ids.push(row.id);
+                    deliveries.push(delivery);
+                }
                 Err((err, _)) => {
                     tracing::debug!(error = %err, "producer queue full");
                     break;
                 }
             }
         }
-        let queued = pending.len();
-        let ids: Vec<i64> = pending.iter().map(|(id, _)| *id).collect();
-        let mut deliveries = std::pin::pin!(join_all(pending.into_iter().map(|(_, delivery)| delivery)));
-        // Once shutdown begins, acknowledgements get at most SHUTDOWN_TIMEOUT; the rest stay in the outbox.
+        Batch { ids, deliveries: join_all(deliveries) }
+    }
+
+    /// Waits for a batch's acknowledgements (once shutdown begins, for at most `SHUTDOWN_TIMEOUT`)
+    /// and deletes the rows Kafka acknowledged.
+    async fn finish(
+        &self,
+        conn: &mut AsyncPgConnection,
+        batch: Batch,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), BatchError> {
+        let Batch { ids, deliveries } = batch;
+        let queued = ids.len();
+        let mut deliveries = std::pin::pin!(deliveries);
         let mut stop = stop.clone();
         let results = tokio::select! {
             results = &mut deliveries => results,
@@ -195,10 +246,16 @@ impl Relay {
         self.metrics.outbox_failed.inc_by((queued - delivered.len()) as u64);
         tracing::debug!(messages.delivered = delivered.len(), "outbox batch published");
         match queued - delivered.len() {
-            0 => Ok(delivered.len()),
+            0 => Ok(()),
             failed => Err(BatchError::Kafka(failed)),
         }
     }
+}
+
+/// Rows handed to the producer, and their acknowledgements.
+struct Batch {
+    ids: Vec<i64>,
+    deliveries: JoinAll<DeliveryFuture>,
 }
 
 fn stopped(stop: &watch::Receiver<bool>) -> bool {
