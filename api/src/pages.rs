@@ -1,23 +1,25 @@
 //! What the list endpoints share: exact totals from the trigger-kept `row_counts` (so no page counts a
 //! whole table), keyset positions, and telling from one extra row whether a next page exists.
 
-use common::db::schema::row_counts;
 use diesel::dsl::sql;
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
-use diesel::sql_types::{BigInt, Bool, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{Bool, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use crate::http::query::{Cursor, Pagination};
 
-/// How many rows `table` has, from the counters its triggers keep (migration `row_counts`).
-pub async fn row_count(conn: &mut AsyncPgConnection, table: &str) -> Result<i64, DieselError> {
-    row_counts::table
-        .filter(row_counts::table_name.eq(table))
-        .select(sql::<BigInt>("coalesce(sum(count), 0)::bigint"))
-        .get_result(conn)
-        .await
+diesel::define_sql_function! {
+    /// The SQL function of migration `row_counts`: the sum of a table's counter shards.
+    fn row_count(counted_table: diesel::sql_types::Text) -> diesel::sql_types::BigInt;
+}
+
+/// How many rows `table` has, from the counters its triggers keep. Takes a shared connection so it
+/// can be pipelined with the page's own query (one round trip for both).
+pub async fn total(conn: &AsyncPgConnection, table: &str) -> Result<i64, DieselError> {
+    let mut conn = conn;
+    diesel::select(row_count(table)).get_result(&mut conn).await
 }
 
 /// Rows listed after `cursor` in `created_at DESC, id DESC` order. A row comparison, so that

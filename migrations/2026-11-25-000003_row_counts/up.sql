@@ -25,6 +25,11 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- A table's count: the sum of its shards.
+CREATE FUNCTION row_count(counted_table text) RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT coalesce(sum(count), 0)::bigint FROM row_counts WHERE table_name = counted_table
+$$;
+
 -- Statement-level with transition tables: one counter update per statement, however many rows it
 -- touched (bulk loads, and the events removed by a user's cascading delete).
 CREATE TRIGGER users_count_insert AFTER INSERT ON users

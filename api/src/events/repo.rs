@@ -64,7 +64,7 @@ pub async fn list(
     };
     let rows = query.load(conn).await?;
     let total = if filter.user_id.is_none() && filter.event_type.is_none() {
-        pages::row_count(conn, "events").await?
+        pages::total(conn, "events").await?
     } else {
         filtered().count().get_result(conn).await?
     };

@@ -102,8 +102,8 @@ pub async fn delete(state: &AppState, request_id: &str, id: Uuid) -> Result<Http
 
 /// `GET /api/v1/users?page=&limit=` or `?cursor=&limit=`
 pub async fn list(state: &AppState, page: Pagination) -> Result<HttpResponse, ApiError> {
-    let mut conn = state.db.get().await?;
-    let (rows, total) = repo::list(&mut conn, page).await?;
+    let conn = state.db.get().await?;
+    let (rows, total) = repo::list(&conn, page).await?;
     drop(conn);
     let (rows, next_cursor) = pages::split(rows, page, |row| Cursor { created_at: row.created_at, id: row.id });
     let users = rows.into_iter().map(User::from).collect();

@@ -59,18 +59,30 @@ pub async fn delete(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<Use
 }
 
 /// One page, newest first (`created_at DESC, id DESC`, served by an index), with one extra row when
-/// another page follows (see [`pages::split`]), and the total count.
-pub async fn list(conn: &mut AsyncPgConnection, page: Pagination) -> Result<(Vec<UserRow>, i64), DieselError> {
-    let mut query = users::table
+/// another page follows (see [`pages::split`]), and the total count. The page and the count are
+/// pipelined on the connection, and both queries have a fixed shape, so they are prepared once per
+/// connection.
+pub async fn list(conn: &AsyncPgConnection, page: Pagination) -> Result<(Vec<UserRow>, i64), DieselError> {
+    let newest_first = users::table
         .select(UserRow::as_select())
         .order((users::created_at.desc(), users::id.desc()))
-        .limit(pages::rows_to_fetch(page))
-        .into_boxed();
-    query = match page.after {
-        Some(cursor) => query.filter(pages::listed_after(cursor)),
-        None => query.offset(page.offset()),
+        .limit(pages::rows_to_fetch(page));
+    let rows = async {
+        let mut conn = conn;
+        match page.after {
+            None => newest_first.offset(page.offset()).load(&mut conn).await,
+            // `(created_at, id) < cursor`, spelled with a fixed shape (a row comparison would need
+            // a raw SQL fragment, which diesel cannot cache) and so that the index condition is
+            // `created_at <= …`: the walk starts at the cursor (rows sharing the cursor's microsecond
+            // are filtered, not skipped by the index).
+            Some(cursor) => {
+                newest_first
+                    .filter(users::created_at.le(cursor.created_at))
+                    .filter(users::created_at.lt(cursor.created_at).or(users::id.lt(cursor.id)))
+                    .load(&mut conn)
+                    .await
+            }
+        }
     };
-    let rows = query.load(conn).await?;
-    let total = pages::row_count(conn, "users").await?;
-    Ok((rows, total))
+    tokio::try_join!(rows, pages::total(conn, "users"))
 }
