@@ -27,6 +27,11 @@ impl Connection {
     pub fn discard(&self) {
         self.broken.store(true, Ordering::Relaxed);
     }
+
+    /// Whether a call found it broken.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
 }
 
 /// Whether an error means the connection itself is gone (as opposed to an error reply).

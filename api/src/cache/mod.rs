@@ -23,7 +23,7 @@ mod connections;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bb8_redis::RedisConnectionManager;
@@ -33,6 +33,8 @@ use prometheus::IntCounterVec;
 use redis::aio::MultiplexedConnection;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, RedisResult, Script};
 use uuid::Uuid;
+
+use self::connections::Connection;
 
 /// Stores `ARGV[1] | ARGV[2]` with a TTL of `ARGV[3]` ms unless the entry has an equal or newer version.
 const COMPARE_AND_SET: &str = r"
@@ -71,6 +73,8 @@ pub struct UserCache(Option<Arc<Inner>>);
 
 struct Inner {
     pool: bb8::Pool<connections::Manager>,
+    /// See [`Inner::shared_connection`].
+    shared: RwLock<Option<Connection>>,
     key_prefix: String,
     ttl: Duration,
     timeout: Duration,
@@ -103,6 +107,7 @@ impl UserCache {
             .build_unchecked(manager);
         Ok(Self(Some(Arc::new(Inner {
             pool,
+            shared: RwLock::new(None),
             key_prefix: config.key_prefix.clone(),
             ttl,
             timeout: config.timeout,
@@ -201,21 +206,14 @@ impl UserCache {
 }
 
 impl Inner {
-    /// Runs `operation` on one of the pool's multiplexed connections within the Redis timeout. The
-    /// checkout is returned at once: a `MultiplexedConnection` clone shares the connection, so
-    /// concurrent requests pipeline on it instead of queueing for an exclusive checkout (measured in
-    /// `bench/run`: the exclusive checkout held cached GETs far below the Redis ceiling). A failure
-    /// of the connection itself discards it, so the pool dials a new one.
+    /// Runs `operation` on the shared multiplexed connection within the Redis timeout. A failure of
+    /// the connection itself discards it, so the pool dials a new one.
     async fn call<T, Fut>(&self, operation: impl FnOnce(MultiplexedConnection) -> Fut) -> RedisResult<T>
     where
         Fut: Future<Output = RedisResult<T>>,
     {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let connection = match tokio::time::timeout_at(deadline, self.pool.get()).await {
-            Ok(pooled) => pooled.map_err(pool_error)?.clone(),
-            Err(_) => return Err(timed_out()),
-        };
-        let result = match tokio::time::timeout_at(deadline, operation(connection.redis.clone())).await {
+        let connection = self.shared_connection().await?;
+        let result = match tokio::time::timeout(self.timeout, operation(connection.redis.clone())).await {
             Ok(result) => result,
             Err(_) => Err(timed_out()),
         };
@@ -225,6 +223,25 @@ impl Inner {
             connection.discard();
         }
         result
+    }
+
+    /// The connection every request shares until a call finds it broken; then the next one the pool
+    /// hands out (checking out per call cost a lock and a timer per request, and one multiplexed
+    /// connection pipelines concurrent calls anyway: measured in `bench/run`).
+    async fn shared_connection(&self) -> RedisResult<Connection> {
+        if let Some(connection) = self.shared.read().ok().and_then(|shared| shared.clone())
+            && !connection.is_broken()
+        {
+            return Ok(connection);
+        }
+        let connection = match tokio::time::timeout(self.timeout, self.pool.get()).await {
+            Ok(pooled) => pooled.map_err(pool_error)?.clone(),
+            Err(_) => return Err(timed_out()),
+        };
+        if let Ok(mut shared) = self.shared.write() {
+            *shared = Some(connection.clone());
+        }
+        Ok(connection)
     }
 
     async fn ping(&self) -> RedisResult<()> {
