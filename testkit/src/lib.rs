@@ -4,6 +4,7 @@
 #![expect(clippy::unwrap_used, reason = "test support: a panic is how a test reports failure")]
 
 mod broker;
+mod postgres;
 mod proxy;
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 pub use broker::Broker;
+pub use postgres::PrivatePostgres;
 pub use proxy::FaultProxy;
 
 /// Variables that point an app at the local test services (each overridable from the environment).

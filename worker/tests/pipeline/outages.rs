@@ -30,7 +30,8 @@ async fn post_events(stack: &Stack, api: &str, user: &str, count: usize) -> usiz
     for n in 0..count {
         let body = json!({"user_id": user, "type": "outage", "data": n});
         let response = stack.client.post(format!("{api}/api/v1/events")).json(&body).send().await.unwrap();
-        assert_eq!(response.status(), 201);
+        let status = response.status();
+        assert_eq!(status, 201, "{}", response.text().await.unwrap_or_default());
         acknowledged += 1;
     }
     acknowledged
@@ -147,4 +148,53 @@ async fn an_api_killed_with_unpublished_outbox_rows_loses_none_of_them() {
     assert_eq!(stack.counted_total().await, 100);
     worker.stop().await;
     drop(restarted);
+}
+
+/// PostgreSQL stopped outright (not just unreachable) and started again: the api answers 503 with
+/// `Retry-After` promptly while it is down, readiness follows, and the api and the worker carry on by
+/// themselves afterwards, every acknowledged event applied once.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_postgres_stopped_and_started_again_everything_recovers_by_itself() {
+    let postgres = testkit::PrivatePostgres::start();
+    let port = postgres.port.to_string();
+    let stack = Stack::start(&[
+        ("DB_PORT", &port),
+        ("DB_NAME", "postgres"),
+        ("DB_POOL_TIMEOUT_MS", "1000"),
+        ("DB_CONNECT_TIMEOUT", "2"),
+    ])
+    .await;
+    let worker = stack.start_worker().await;
+    let user = stack.create_user().await;
+    let mut acknowledged = post_events(&stack, &stack.url(""), &user, 5).await;
+
+    postgres.stop_server();
+    let started = Instant::now();
+    let response = stack
+        .client
+        .post(stack.url("/api/v1/events"))
+        .json(&json!({"user_id": user, "type": "outage", "data": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    assert!(started.elapsed() < Duration::from_secs(5), "answered in {:?}", started.elapsed());
+    assert_eq!(stack.client.get(stack.url("/health/ready")).send().await.unwrap().status(), 503);
+    assert_eq!(stack.client.get(stack.url("/health/live")).send().await.unwrap().status(), 200);
+
+    postgres.start_server();
+    testkit::eventually("the api to be ready again", Duration::from_secs(30), || async {
+        let response = stack.client.get(stack.url("/health/ready")).send().await.ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    acknowledged += post_events(&stack, &stack.url(""), &user, 5).await;
+    let stats = testkit::eventually("every acknowledged event applied", Duration::from_secs(60), || async {
+        let stats = stack.stats(&user).await;
+        (stats["events_by_type"]["outage"] == acknowledged as i64).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats["events_by_type"]["outage"], acknowledged as i64, "{stats}");
+    worker.stop().await;
 }

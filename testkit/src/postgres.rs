@@ -1,0 +1,102 @@
+//! A private PostgreSQL server per test, for the faults a shared server cannot take: stopping it
+//! outright and starting it again.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A PostgreSQL cluster in a temporary directory, listening on 127.0.0.1:`port`; removed when dropped.
+pub struct PrivatePostgres {
+    /// Its port.
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl PrivatePostgres {
+    /// Creates the cluster (trust authentication, user `postgres`) and starts it. `fsync` is off (an
+    /// immediate stop kills processes, not the machine, so the OS still holds every write), but
+    /// commits do write their WAL before returning: an acknowledged write must survive the stop.
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql")
+            .flatten()
+            .map(|entry| entry.path().join("bin"))
+            .filter(|bin| bin.join("initdb").exists())
+            .max()
+            .expect("an initdb under /usr/lib/postgresql/*/bin");
+        let dir = std::env::temp_dir().join(format!("hlms-pg-{}", crate::unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // PostgreSQL refuses to run as root; CI runs tests as root.
+        if is_root() {
+            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir));
+        }
+        let pg = Self { port: crate::closed_port(), dir, bin };
+        pg.run_as_owner("initdb", &["-A", "trust", "-U", "postgres", "--no-sync", "-D"], Some(&pg.dir.join("data")));
+        pg.start_server();
+        pg
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub fn start_server(&self) {
+        let options = format!("-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off", self.port, self.dir.display());
+        let log = self.dir.join("server.log");
+        self.run_as_owner(
+            "pg_ctl",
+            &["-w", "-o", &options, "-l", log.to_str().unwrap(), "start", "-D"],
+            Some(&self.dir.join("data")),
+        );
+    }
+
+    /// The server's log so far (for a failing test's message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// Stops the server at once, as a crash or a kill would (`pg_ctl stop -m immediate`).
+    pub fn stop_server(&self) {
+        self.run_as_owner("pg_ctl", &["-w", "-m", "immediate", "stop", "-D"], Some(&self.dir.join("data")));
+    }
+
+    fn run_as_owner(&self, tool: &str, args: &[&str], path_arg: Option<&Path>) {
+        let mut command = self.owner_command(tool);
+        command.args(args);
+        if let Some(path) = path_arg {
+            command.arg(path);
+        }
+        run(&mut command);
+    }
+
+    /// `tool` run as the cluster's owner (`postgres` when the tests run as root).
+    fn owner_command(&self, tool: &str) -> Command {
+        let program = self.bin.join(tool);
+        if is_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
+        } else {
+            Command::new(program)
+        }
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ =
+            self.owner_command("pg_ctl").args(["-m", "immediate", "stop", "-D"]).arg(self.dir.join("data")).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|output| output.stdout.starts_with(b"0\n"))
+}
+
+fn run(command: &mut Command) {
+    let output = command.output().unwrap_or_else(|err| panic!("{command:?}: {err}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
