@@ -168,3 +168,57 @@ async fn after_a_redis_outage_the_writes_it_missed_still_reach_the_cache() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Redis cut and restored again and again under reads and writes on two replicas: no request fails,
+/// and no read right after a write shows the state before it.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_flapping_no_request_fails_and_no_read_is_stale() {
+    let redis = testkit::service_vars();
+    let upstream = tokio::net::lookup_host(format!("{}:{}", redis["REDIS_HOST"], redis["REDIS_PORT"]))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let (listener, proxy_addr) = testkit::FaultProxy::bind().await;
+    let proxy = Arc::new(testkit::FaultProxy::start(listener, upstream));
+    let a = spawn_app_with(&[("REDIS_PORT", &proxy_addr.port().to_string())]).await;
+    let b = spawn_replica(&a).await;
+    let flapping = Arc::new(AtomicBool::new(true));
+    let flapper = {
+        let (proxy, flapping) = (Arc::clone(&proxy), Arc::clone(&flapping));
+        tokio::spawn(async move {
+            let mut cuts = 0;
+            while flapping.load(Ordering::Relaxed) {
+                proxy.cut();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                proxy.restore();
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                cuts += 1;
+            }
+            cuts
+        })
+    };
+    let started = Instant::now();
+    let mut writes = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        let user = a.create_user(&unique_email("flap")).await;
+        let path = format!("/api/v1/users/{}", user["id"].as_str().unwrap());
+        for version in 0..5 {
+            for replica in [&a, &b] {
+                let (status, _) = replica.get(&path).await; // fills the cache when Redis is there
+                assert_eq!(status, 200);
+            }
+            let name = format!("V{writes}x{version}");
+            let (status, _) = [&a, &b][version % 2].put(&path, json!({"first_name": name})).await;
+            assert_eq!(status, 200, "a write failed because of Redis");
+            writes += 1;
+            for replica in [&a, &b] {
+                let (status, seen) = replica.get(&path).await;
+                assert_eq!((status, seen["first_name"].as_str()), (200, Some(name.as_str())), "stale read");
+            }
+        }
+    }
+    flapping.store(false, Ordering::Relaxed);
+    let cuts = flapper.await.unwrap();
+    assert!(cuts >= 4 && writes >= 20, "{cuts} cuts, {writes} writes");
+}

@@ -108,3 +108,54 @@ async fn with_kafka_unreachable_posts_stay_fast_and_nothing_is_lost() {
     assert_counts_exact(&stack, &expected).await;
     worker.stop().await;
 }
+
+/// The path to the broker cut and restored again and again while events keep coming: every POST is
+/// a fast 201, and once the path holds, every event is applied exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_broker_flapping_under_load_nothing_is_lost_or_applied_twice() {
+    let stack = Arc::new(Stack::start(&[]).await);
+    let worker = stack.start_worker().await;
+    let mut users = Vec::new();
+    for _ in 0..5 {
+        users.push(stack.create_user().await);
+    }
+    let flapping = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flapper = {
+        let (stack, flapping) = (Arc::clone(&stack), Arc::clone(&flapping));
+        tokio::spawn(async move {
+            let mut cuts = 0;
+            while flapping.load(std::sync::atomic::Ordering::Relaxed) {
+                stack.broker.proxy.cut();
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                stack.broker.proxy.restore();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                cuts += 1;
+            }
+            cuts
+        })
+    };
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut expected: HashMap<(String, String), i64> = HashMap::new();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        for user in &users {
+            let request_started = Instant::now();
+            let event_type = format!("t{}", n % 3);
+            let body = serde_json::json!({"user_id": user, "type": event_type, "data": n});
+            let response = stack.client.post(stack.url("/api/v1/events")).json(&body).send().await.unwrap();
+            assert_eq!(response.status(), 201);
+            slowest = slowest.max(request_started.elapsed());
+            *expected.entry((user.clone(), event_type)).or_insert(0) += 1;
+        }
+        n += 1;
+    }
+    flapping.store(false, std::sync::atomic::Ordering::Relaxed);
+    let cuts = flapper.await.unwrap();
+    stack.broker.proxy.restore();
+    assert!(cuts >= 5, "the path flapped {cuts} times");
+    assert!(slowest < Duration::from_millis(500), "a POST waited on Kafka: {slowest:?}");
+    stack.wait_until_drained(Duration::from_secs(120)).await;
+    assert_counts_exact(&stack, &expected).await;
+    worker.stop().await;
+}
