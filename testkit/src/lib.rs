@@ -66,10 +66,20 @@ pub async fn connect(database: &str) -> AsyncPgConnection {
 
 /// A new, empty database (`hlms_test_*`, dropped by `scripts/test` before the next run).
 pub async fn create_database() -> String {
-    let name = format!("hlms_test_{}", unique());
+    create_database_named(&format!("hlms_test_{}", unique())).await
+}
+
+/// A new, empty database with this name.
+pub async fn create_database_named(name: &str) -> String {
     let mut conn = connect("postgres").await;
     diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
-    name
+    name.to_owned()
+}
+
+/// Drops a database, closing whatever is still connected to it.
+pub async fn drop_database(name: &str) {
+    let mut conn = connect("postgres").await;
+    diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await.unwrap();
 }
 
 /// A local port with nothing listening on it.

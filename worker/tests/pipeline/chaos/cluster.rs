@@ -138,7 +138,9 @@ impl Cluster {
         let postgres = proxy_to(&format!("{}:{}", base["DB_HOST"], base["DB_PORT"])).await;
         let redis = proxy_to(&format!("{}:{}", base["REDIS_HOST"], base["REDIS_PORT"])).await;
         let broker = Broker::start().await;
-        let database = testkit::create_database().await;
+        // Not `hlms_test_*`: scripts/test drops those when it starts, which would end a long soak
+        // running beside it. The soak drops its own database when it passes.
+        let database = testkit::create_database_named(&format!("hlms_chaos_{}", testkit::unique())).await;
 
         let mut vars = base;
         vars.insert("DB_NAME".into(), database.clone());

@@ -86,8 +86,17 @@ async fn chaos_soak_loses_nothing_and_applies_nothing_twice() {
     print_summary(seed, ran_for, &record, &faults, &results);
     let failed: Vec<_> =
         results.iter().filter(|(_, ok, _)| !ok).map(|(name, _, detail)| format!("{name}: {detail}")).collect();
-    assert!(failed.is_empty(), "chaos seed {seed}: invariants violated:\n{}", failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "chaos seed {seed}: invariants violated (process logs in {}):\n{}",
+        cluster.log_dir.display(),
+        failed.join("\n")
+    );
     let _ = std::fs::remove_dir_all(&cluster.log_dir);
+    for service in cluster.apis.iter_mut().chain(cluster.workers.iter_mut()) {
+        service.kill().await;
+    }
+    testkit::drop_database(&cluster.database).await;
 }
 
 #[derive(QueryableByName)]
