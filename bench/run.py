@@ -198,10 +198,13 @@ def wrk(url, seconds, script=None, args=(), pid=None, connections=64):
 
 
 def pgbench(db, script, seconds, users):
-    output = subprocess.run(
+    result = subprocess.run(
         ["pgbench", "-h", "127.0.0.1", "-U", "postgres", "-n", "-M", "prepared", "-c", "32", "-j", "2",
          "-T", str(seconds), "-D", f"users={users}", "-f", str(BENCH / "sql" / script), db],
-        check=True, capture_output=True, text=True).stdout
+        capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"pgbench {script} failed:\n{result.stdout}\n{result.stderr}")
+    output = result.stdout
     latency = re.search(r"latency average = ([\d.]+) ms", output)
     return {"rps": float(re.search(r"tps = ([\d.]+)", output).group(1)),
             "p50": float(latency.group(1)) if latency else None, "p99": None, "cpu_us": None, "failed": 0}
