@@ -9,7 +9,7 @@
 //! - no read after an acknowledged write showed the state before it;
 //! - the outbox is drained, nothing is pending or dead-lettered, and no process panicked.
 //!
-//! `CHAOS_SECONDS` (default 75: the CI mode) and `CHAOS_SEED` (default from the clock; printed, and
+//! `CHAOS_SECONDS` (default 75) and `CHAOS_SEED` (default from the clock; printed, and
 //! replays the same workload and sequence of faults) tune it; `scripts/chaos` runs the long soak.
 
 #![expect(clippy::print_stdout, reason = "the soak's summary table is its report")]
