@@ -51,6 +51,13 @@ impl FaultProxy {
         Self { addr, state, accept }
     }
 
+    /// A running proxy in front of `upstream` (`host:port`).
+    pub async fn in_front_of(upstream: &str) -> Self {
+        let upstream = tokio::net::lookup_host(upstream).await.unwrap().next().unwrap();
+        let (listener, _) = Self::bind().await;
+        Self::start(listener, upstream)
+    }
+
     /// The address clients connect to.
     pub fn addr(&self) -> SocketAddr {
         self.addr

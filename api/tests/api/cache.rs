@@ -138,15 +138,8 @@ async fn cache_can_be_turned_off() {
 /// reads Redis after the outage never gets the state before that write.
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_redis_outage_the_writes_it_missed_still_reach_the_cache() {
-    let redis = testkit::service_vars();
-    let upstream = tokio::net::lookup_host(format!("{}:{}", redis["REDIS_HOST"], redis["REDIS_PORT"]))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let (listener, proxy_addr) = testkit::FaultProxy::bind().await;
-    let proxy = testkit::FaultProxy::start(listener, upstream);
-    let writer = spawn_app_with(&[("REDIS_PORT", &proxy_addr.port().to_string())]).await;
+    let proxy = redis_proxy().await;
+    let writer = spawn_app_with(&[("REDIS_PORT", &proxy.addr().port().to_string())]).await;
     let user = writer.create_user(&unique_email("outage")).await;
     let path = format!("/api/v1/users/{}", user["id"].as_str().unwrap());
     // The writer holds an established Redis connection, and Redis holds the user, when the cut comes.
@@ -173,15 +166,8 @@ async fn after_a_redis_outage_the_writes_it_missed_still_reach_the_cache() {
 /// and no read right after a write shows the state before it.
 #[tokio::test(flavor = "multi_thread")]
 async fn with_redis_flapping_no_request_fails_and_no_read_is_stale() {
-    let redis = testkit::service_vars();
-    let upstream = tokio::net::lookup_host(format!("{}:{}", redis["REDIS_HOST"], redis["REDIS_PORT"]))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let (listener, proxy_addr) = testkit::FaultProxy::bind().await;
-    let proxy = Arc::new(testkit::FaultProxy::start(listener, upstream));
-    let a = spawn_app_with(&[("REDIS_PORT", &proxy_addr.port().to_string())]).await;
+    let proxy = Arc::new(redis_proxy().await);
+    let a = spawn_app_with(&[("REDIS_PORT", &proxy.addr().port().to_string())]).await;
     let b = spawn_replica(&a).await;
     let flapping = Arc::new(AtomicBool::new(true));
     let flapper = {
@@ -221,4 +207,10 @@ async fn with_redis_flapping_no_request_fails_and_no_read_is_stale() {
     flapping.store(false, Ordering::Relaxed);
     let cuts = flapper.await.unwrap();
     assert!(cuts >= 4 && writes >= 20, "{cuts} cuts, {writes} writes");
+}
+
+/// A fault proxy in front of the test Redis.
+async fn redis_proxy() -> testkit::FaultProxy {
+    let redis = testkit::service_vars();
+    testkit::FaultProxy::in_front_of(&format!("{}:{}", redis["REDIS_HOST"], redis["REDIS_PORT"])).await
 }

@@ -12,10 +12,9 @@ use crate::helpers::Stack;
 /// A proxy in front of the test PostgreSQL server, and the `DB_PORT` that goes through it.
 async fn postgres_proxy() -> (FaultProxy, String) {
     let vars = testkit::service_vars();
-    let upstream =
-        tokio::net::lookup_host(format!("{}:{}", vars["DB_HOST"], vars["DB_PORT"])).await.unwrap().next().unwrap();
-    let (listener, addr) = FaultProxy::bind().await;
-    (FaultProxy::start(listener, upstream), addr.port().to_string())
+    let proxy = FaultProxy::in_front_of(&format!("{}:{}", vars["DB_HOST"], vars["DB_PORT"])).await;
+    let port = proxy.addr().port().to_string();
+    (proxy, port)
 }
 
 async fn wait_live(stack: &Stack, api: &str) {

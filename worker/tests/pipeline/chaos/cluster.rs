@@ -135,8 +135,8 @@ impl Cluster {
         let log_dir = std::env::temp_dir().join(format!("hlms-chaos-{}", testkit::unique()));
         std::fs::create_dir_all(&log_dir).unwrap();
         let base = testkit::service_vars();
-        let postgres = proxy_to(&format!("{}:{}", base["DB_HOST"], base["DB_PORT"])).await;
-        let redis = proxy_to(&format!("{}:{}", base["REDIS_HOST"], base["REDIS_PORT"])).await;
+        let postgres = FaultProxy::in_front_of(&format!("{}:{}", base["DB_HOST"], base["DB_PORT"])).await;
+        let redis = FaultProxy::in_front_of(&format!("{}:{}", base["REDIS_HOST"], base["REDIS_PORT"])).await;
         let broker = Broker::start().await;
         // Not `hlms_test_*`: scripts/test drops those when it starts, which would end a long soak
         // running beside it. The soak drops its own database when it passes.
@@ -225,10 +225,4 @@ impl Cluster {
         }
         found
     }
-}
-
-async fn proxy_to(upstream: &str) -> FaultProxy {
-    let upstream = tokio::net::lookup_host(upstream).await.unwrap().next().unwrap();
-    let (listener, _) = FaultProxy::bind().await;
-    FaultProxy::start(listener, upstream)
 }
