@@ -1,11 +1,7 @@
 //! What the list endpoints share: exact totals from the trigger-kept `row_counts` (so no page counts a
 //! whole table), keyset positions, and telling from one extra row whether a next page exists.
 
-use diesel::dsl::sql;
-use diesel::pg::Pg;
-use diesel::prelude::*;
 use diesel::result::Error as DieselError;
-use diesel::sql_types::{Bool, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use crate::http::query::{Cursor, Pagination};
@@ -20,18 +16,6 @@ diesel::define_sql_function! {
 pub async fn total(conn: &AsyncPgConnection, table: &str) -> Result<i64, DieselError> {
     let mut conn = conn;
     diesel::select(row_count(table)).get_result(&mut conn).await
-}
-
-/// Rows listed after `cursor` in `created_at DESC, id DESC` order. A row comparison, so that
-/// PostgreSQL walks the `(created_at DESC, id DESC)` index from the cursor on instead of skipping.
-pub fn listed_after<QS>(cursor: Cursor) -> Box<dyn BoxableExpression<QS, Pg, SqlType = Bool>> {
-    Box::new(
-        sql::<Bool>("(created_at, id) < (")
-            .bind::<Timestamptz, _>(cursor.created_at)
-            .sql(", ")
-            .bind::<SqlUuid, _>(cursor.id)
-            .sql(")"),
-    )
 }
 
 /// Rows to fetch for a page: one more than it shows, to know whether another page follows.

@@ -59,7 +59,10 @@ pub async fn list(
         .order((events::created_at.desc(), events::id.desc()))
         .limit(pages::rows_to_fetch(page));
     query = match page.after {
-        Some(cursor) => query.filter(pages::listed_after(cursor)),
+        // Spelled as in the users list: the index condition starts the walk at the cursor.
+        Some(cursor) => query
+            .filter(events::created_at.le(cursor.created_at))
+            .filter(events::created_at.lt(cursor.created_at).or(events::id.lt(cursor.id))),
         None => query.offset(page.offset()),
     };
     let rows = query.load(conn).await?;
