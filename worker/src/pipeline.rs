@@ -113,12 +113,14 @@ impl Pipeline {
                     for partition in partitions {
                         tracker.reset(partition);
                     }
+                    // librdkafka keeps a partition's pause flag through revocation and reassignment, and
+                    // does not pause newly assigned ones: restate it for the whole assignment, or a
+                    // partition paused before it moved away and back is never fetched again.
+                    self.apply_backpressure(&mut paused, tracker.in_flight(), max_in_flight, true);
                 }
                 Some(finished) = done.recv() => {
                     self.finish(&mut tracker, &topic, finished);
-                    if paused && tracker.in_flight() <= max_in_flight / 2 {
-                        paused = !self.set_paused(false);
-                    }
+                    self.apply_backpressure(&mut paused, tracker.in_flight(), max_in_flight, false);
                 }
                 received = self.consumer.recv() => match received {
                     Ok(message) => {
@@ -130,9 +132,7 @@ impl Pipeline {
                         let lane = lane_of(message.key(), partition, lane_count);
                         // The lane channel is unbounded, but fetching pauses below at WORKER_MAX_IN_FLIGHT.
                         let _ = lanes[lane].send(Job { message, generation });
-                        if !paused && tracker.in_flight() >= max_in_flight {
-                            paused = self.set_paused(true);
-                        }
+                        self.apply_backpressure(&mut paused, tracker.in_flight(), max_in_flight, false);
                     }
                     Err(err) => {
                         tracing::warn!(error = %err, "Kafka consume error");
@@ -199,6 +199,15 @@ impl Pipeline {
                 // The partition was revoked meanwhile; its new owner redelivers (effects are idempotent).
                 tracing::debug!(error = %err, partition = finished.partition, "could not store offset");
             }
+        }
+    }
+
+    /// Pauses fetching once `in_flight` reaches the limit and resumes it at half the limit (so it does
+    /// not flap at the boundary); with `restate`, tells librdkafka the state even if it is unchanged.
+    fn apply_backpressure(&self, paused: &mut bool, in_flight: usize, limit: usize, restate: bool) {
+        let pause = if *paused { in_flight > limit / 2 } else { in_flight >= limit };
+        if (restate || pause != *paused) && self.set_paused(pause) {
+            *paused = pause;
         }
     }
 

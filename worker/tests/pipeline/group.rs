@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use testkit::FaultProxy;
 
 use crate::helpers::{ApiHandle, Stack};
 
@@ -94,4 +95,60 @@ async fn outbox_rows_of_every_api_replica_are_published_and_publishing_fails_ove
     second.stop().await;
     third.stop().await;
     worker.stop().await;
+}
+
+/// librdkafka keeps a partition's pause flag through revocation and reassignment. A worker that
+/// paused fetching for backpressure, lost partitions to a second worker, resumed what it still held,
+/// and later got the others back must fetch from those again (they once stalled consumption for good).
+#[tokio::test(flavor = "multi_thread")]
+async fn partitions_paused_for_backpressure_are_fetched_again_when_they_come_back() {
+    let vars = testkit::service_vars();
+    let postgres = FaultProxy::in_front_of(&format!("{}:{}", vars["DB_HOST"], vars["DB_PORT"])).await;
+    let port = postgres.addr().port().to_string();
+    let stack = Stack::start(&[]).await;
+    let mut users = Vec::new();
+    for _ in 0..16 {
+        users.push(stack.create_user().await);
+    }
+    let mut first =
+        stack.spawn_binary("worker", &[("DB_PORT", &port), ("LOG_LEVEL", "info"), ("WORKER_MAX_IN_FLIGHT", "8")]);
+    let assignments = || first.output().iter().filter(|line| line.contains("partitions assigned")).count();
+    testkit::eventually("the first worker to hold partitions", Duration::from_secs(60), || async {
+        (assignments() > 0).then_some(())
+    })
+    .await;
+
+    // Its lanes retry while PostgreSQL is cut: in flight reaches the limit and it pauses every partition.
+    postgres.cut();
+    for user in &users {
+        for _ in 0..2 {
+            stack.post_event(user, "paused").await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = stack.start_worker().await;
+    testkit::eventually("the second worker to take partitions over", Duration::from_secs(60), || async {
+        assigned(&stack.client, second.http).await.then_some(())
+    })
+    .await;
+    postgres.restore();
+    stack.wait_until_drained(Duration::from_secs(60)).await;
+
+    // The second leaves: the partitions the first had paused come back to it.
+    let assigned_before = assignments();
+    second.stop().await;
+    testkit::eventually("the first worker to get the partitions back", Duration::from_secs(60), || async {
+        (assignments() > assigned_before).then_some(())
+    })
+    .await;
+    for user in &users {
+        stack.post_event(user, "returned").await;
+    }
+    stack.wait_until_drained(Duration::from_secs(60)).await;
+    for user in &users {
+        let stats = stack.stats(user).await;
+        assert_eq!(stats["events_by_type"], serde_json::json!({"paused": 2, "returned": 1}), "{user}");
+    }
+    first.signal("TERM");
+    assert!(first.exit_within(Duration::from_secs(30)).await.success());
 }

@@ -167,6 +167,8 @@ impl Cluster {
             let port = testkit::closed_port();
             let mut worker_vars = vars.clone();
             worker_vars.insert("WORKER_HTTP_PORT".into(), port.to_string());
+            // Rebalances and consumer errors: the timeline a stalled consumer is diagnosed from.
+            worker_vars.insert("LOG_LEVEL".into(), "warn,worker::pipeline=info".into());
             workers.push(Service::new(&format!("worker{n}"), "worker", worker_vars, port, &log_dir));
         }
         for service in apis.iter_mut().chain(workers.iter_mut()) {

@@ -54,8 +54,12 @@ async fn chaos_soak_loses_nothing_and_applies_nothing_twice() {
         let fault = Fault::ALL[rng.random_range(0..Fault::ALL.len())];
         let which = rng.random_range(0..2);
         let outage = Duration::from_millis(rng.random_range(500..4_000));
+        let at = started.elapsed().as_secs_f64();
         cluster.inject(fault, which, outage, &client).await;
         *faults.entry(fault).or_default() += 1;
+        // The fault timeline, with the backlog, so a stall can be matched to what preceded it.
+        let pending = count(&cluster.database, "SELECT count(*) AS count FROM events WHERE status = 'pending'").await;
+        println!("chaos {at:7.1} s: {} (#{which}, {} ms); {pending} events pending", fault.label(), outage.as_millis());
     }
     stop.send(true).unwrap();
     clients.await.unwrap();
