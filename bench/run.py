@@ -129,6 +129,16 @@ class Stack:
             wait_for(name, lambda n=name: http_ok(f"http://127.0.0.1:{self.ports[n]}/health/ready"))
         wait_for("refserver", lambda: http_ok(f"http://127.0.0.1:{self.ports['ref']}/static"))
 
+    def restart_api_on_topic(self, topic):
+        """Stops both apis and starts the cached one again, publishing to `topic` (created on start)."""
+        for name in ("api", "api_uncached"):
+            self.processes[name].terminate()
+            self.processes[name].wait(timeout=30)
+        self.env = {**self.env, "KAFKA_TOPIC": topic, "KAFKA_GROUP_ID": f"{topic}-group"}
+        self.start("api", [RELEASE / "api"], {**self.env, "SERVER_PORT": str(self.ports["api"]), "RUN_MIGRATIONS": "false",
+                                              "CACHE_TTL": "7200"})
+        wait_for("api", lambda: http_ok(self.url("api", "/health/ready")))
+
     def start_worker(self):
         self.start("worker", [RELEASE / "worker"], {**self.env, "WORKER_HTTP_PORT": str(self.ports["worker"])})
         wait_for("worker", lambda: http_ok(f"http://127.0.0.1:{self.ports['worker']}/health/ready"))
@@ -270,42 +280,51 @@ def measure_http(stack, args, ids_file, users):
 
 
 def measure_worker(stack, args, ids_file):
-    # The HTTP phase left its events in Kafka with no worker running: draining that backlog measures
-    # the worker alone (Kafka → PostgreSQL), from the first to the last processed_at.
-    log("worker: draining the backlog of the HTTP phase (the worker's own throughput)")
-    stack.start_worker()
-    drain(stack, timeout=600)
-    backlog, span = psql("""SELECT count(*), coalesce(extract(epoch FROM max(processed_at) - min(processed_at)), 0)
-                              FROM events WHERE type = 'bench' AND status = 'processed'""", stack.db, capture=True).split("|")
-    backlog_rate = int(backlog) / max(float(span), 1e-3)
+    # The HTTP phase filled the topic with messages no figure here counts (every user_created of the
+    # POST-user runs, every row pgbench inserted): the worker phases get a topic and group of their own,
+    # so every message the worker handles is one of the events measured.
+    wait_for("the outbox to drain", lambda: psql("SELECT count(*) FROM outbox", stack.db, capture=True) == "0", 300)
+    stack.restart_api_on_topic("bench-worker")
     seconds = 2 if args.smoke else 15
+    processed = "SELECT count(*), coalesce(extract(epoch FROM max(processed_at) - min(processed_at)), 0) FROM events" \
+                " WHERE type = 'bench' AND status = 'processed' AND created_at > '{}'"
+
+    log(f"worker: a backlog POSTed for {seconds}s with no worker running, then drained by the worker alone")
+    marker = psql("SELECT now()", stack.db, capture=True)
+    wrk(stack.url("api", "/api/v1/events"), seconds, "create_event.lua", (str(ids_file),), connections=32)
+    wait_for("the outbox to drain", lambda: psql("SELECT count(*) FROM outbox", stack.db, capture=True) == "0", 300)
+    stack.start_worker()
+    drain(stack, marker, timeout=600)
+    backlog, span = psql(processed.format(marker), stack.db, capture=True).split("|")
+    backlog_rate = int(backlog) / max(float(span), 1e-3)
+
     log(f"worker: end-to-end throughput (POST as fast as possible for {seconds}s, until all processed)")
-    processed_sql = "SELECT count(*) FROM events WHERE status = 'processed' AND type = 'bench'"
-    before = int(psql(processed_sql, stack.db, capture=True))
+    marker = psql("SELECT now()", stack.db, capture=True)
     started = time.time()
     wrk(stack.url("api", "/api/v1/events"), seconds, "create_event.lua", (str(ids_file),), connections=32)
-    drain(stack, timeout=600)
+    drain(stack, marker, timeout=600)
     elapsed = time.time() - started
-    processed = int(psql(processed_sql, stack.db, capture=True)) - before
-    throughput = processed / elapsed
+    events = int(psql(processed.format(marker), stack.db, capture=True).split("|")[0])
+    throughput = events / elapsed
+
     rate = max(10, int(throughput / 2))
     log(f"worker: processing delay at a fixed {rate}/s (half the end-to-end throughput)")
     marker = psql("SELECT now()", stack.db, capture=True)
     subprocess.run([RELEASE / "fixed-rate", stack.url("api", ""), str(rate), str(seconds), str(ids_file)],
                    check=True, capture_output=True)
-    drain(stack, timeout=300)
+    drain(stack, marker, timeout=300)
     p99 = float(psql(f"""SELECT coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM processed_at - created_at)), 0)
                            FROM events WHERE type = 'bench' AND created_at > '{marker}'""", stack.db, capture=True))
-    return {"events": processed, "seconds": elapsed, "throughput": throughput, "fixed_rate": rate,
+    return {"events": events, "seconds": elapsed, "throughput": throughput, "fixed_rate": rate,
             "delay_p99_ms": p99 * 1000, "backlog": int(backlog), "backlog_rate": backlog_rate}
 
 
-def drain(stack, timeout):
+def drain(stack, since, timeout):
+    """Waits until the api's events created after `since` are processed and the outbox is empty."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        # Seeded and pgbench-inserted events never pass through the api: only the api's ('bench') count.
-        pending = psql("SELECT (SELECT count(*) FROM events WHERE status = 'pending' AND type = 'bench')"
-                       " + (SELECT count(*) FROM outbox)", stack.db, capture=True)
+        pending = psql(f"SELECT (SELECT count(*) FROM events WHERE status = 'pending' AND type = 'bench'"
+                       f" AND created_at > '{since}') + (SELECT count(*) FROM outbox)", stack.db, capture=True)
         if int(pending) == 0:
             return
         time.sleep(0.2)
