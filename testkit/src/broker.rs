@@ -1,5 +1,10 @@
-//! A private tansu broker per test (memory storage), advertised through a [`FaultProxy`] so that
-//! every client connection, including the ones metadata redirects to, can be cut.
+//! A private Kafka-protocol broker per test, advertised through a [`FaultProxy`] so that every client
+//! connection, including the ones metadata redirects to, can be cut.
+//!
+//! Tests run on tansu (memory storage; starts in milliseconds, installed from PyPI). The chaos soak runs
+//! on nisshi, tansu's successor, because tansu's group coordinator can wedge for good when members are
+//! killed mid-rebalance (every later JoinGroup/SyncGroup times out), which is a broker fault the soak
+//! would otherwise report as ours.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,29 +20,58 @@ pub struct Broker {
     /// The path clients use (`KAFKA_BROKERS`): through the proxy.
     pub proxy: FaultProxy,
     _process: Child,
+    /// A storage file of the broker's own, removed with it.
+    storage: Option<PathBuf>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(storage) = &self.storage {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", storage.display()));
+            }
+        }
+    }
 }
 
 impl Broker {
     /// Starts tansu listening on a free port and advertising the proxy's address.
     pub async fn start() -> Self {
+        Self::spawn("tansu", tansu_binary(), &["--storage-engine", "memory://tansu/"], None).await
+    }
+
+    /// Starts nisshi (`NISSHI_BIN`, or `nisshi` on the PATH: `scripts/chaos` installs it) the same way,
+    /// storing in a private SQLite file.
+    pub async fn start_nisshi() -> Self {
+        let binary = std::env::var("NISSHI_BIN").unwrap_or_else(|_| "nisshi".to_owned());
+        // nisshi reads the URL's path relative to its working directory, the temporary directory.
+        let name = format!("hlms-nisshi-{}.db", crate::unique());
+        let engine = format!("sqlite://{name}");
+        let file = std::env::temp_dir().join(name);
+        let args = ["--storage-engine", &engine, "--group-initial-rebalance-delay", "0s"];
+        Self::spawn("nisshi", binary.into(), &args, Some(file)).await
+    }
+
+    async fn spawn(name: &str, binary: PathBuf, storage_args: &[&str], storage: Option<PathBuf>) -> Self {
         let (proxy_listener, proxy_addr) = FaultProxy::bind().await;
         let broker_port = crate::closed_port();
         let broker_addr: SocketAddr = format!("127.0.0.1:{broker_port}").parse().unwrap();
-        let process = Command::new(tansu_binary())
+        let process = Command::new(&binary)
+            .current_dir(std::env::temp_dir())
             .args(["broker", "--listener-url", &format!("tcp://{broker_addr}")])
             .args(["--advertised-listener-url", &format!("tcp://{proxy_addr}")])
-            .args(["--storage-engine", "memory://tansu/"])
+            .args(storage_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("tansu starts (scripts/test installs it into .venv; or set TANSU_BIN)");
+            .unwrap_or_else(|err| panic!("{name} ({}) does not start: {err}", binary.display()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(broker_addr).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "tansu did not open {broker_addr}");
+            assert!(tokio::time::Instant::now() < deadline, "{name} did not open {broker_addr}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Self { proxy: FaultProxy::start(proxy_listener, broker_addr), _process: process }
+        Self { proxy: FaultProxy::start(proxy_listener, broker_addr), _process: process, storage }
     }
 
     /// `KAFKA_BROKERS` for this broker.
