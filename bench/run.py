@@ -25,6 +25,10 @@ BENCH = ROOT / "bench"
 RELEASE = ROOT / "target" / "release"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+# The producer's linger.ms values the delay is measured at; the last is the configured default.
+DEFAULT_LINGER_MS = 5
+LINGER_SWEEP_MS = (0, 20, DEFAULT_LINGER_MS)
+
 # name: (ratio target, description); checked on the median of per-rep ratios.
 TARGETS = {
     "health_vs_static": (0.90, "GET /health/live ≥ 0.90 × static JSON"),
@@ -71,6 +75,23 @@ def http_ok(url):
 def cpu_seconds(pid):
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def postgres_cpu_seconds():
+    """CPU time PostgreSQL has used: the postmaster's own and that of the backends it reaped
+    (cutime/cstime), plus that of the live backends. Background writers count too: WAL is a cost."""
+    postmaster = int(subprocess.run(["pgrep", "-o", "-u", "postgres", "-x", "postgres"], check=True,
+                                    capture_output=True, text=True).stdout.split()[0])
+    fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(field) for field in fields[11:15])
+    children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+    for child in children:
+        try:
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLK_TCK
 
 
 def memory_kb(pid, field):
@@ -129,12 +150,14 @@ class Stack:
             wait_for(name, lambda n=name: http_ok(f"http://127.0.0.1:{self.ports[n]}/health/ready"))
         wait_for("refserver", lambda: http_ok(f"http://127.0.0.1:{self.ports['ref']}/static"))
 
-    def restart_api_on_topic(self, topic):
-        """Stops both apis and starts the cached one again, publishing to `topic` (created on start)."""
-        for name in ("api", "api_uncached"):
-            self.processes[name].terminate()
-            self.processes[name].wait(timeout=30)
-        self.env = {**self.env, "KAFKA_TOPIC": topic, "KAFKA_GROUP_ID": f"{topic}-group"}
+    def stop_process(self, name):
+        self.processes[name].terminate()
+        self.processes[name].wait(timeout=30)
+
+    def restart_api(self, **env):
+        """Restarts the cached api with `env` on top of the stack's variables (which keep it)."""
+        self.stop_process("api")
+        self.env = {**self.env, **env}
         self.start("api", [RELEASE / "api"], {**self.env, "SERVER_PORT": str(self.ports["api"]), "RUN_MIGRATIONS": "false",
                                               "CACHE_TTL": "7200"})
         wait_for("api", lambda: http_ok(self.url("api", "/health/ready")))
@@ -187,9 +210,9 @@ def wrk(url, seconds, script=None, args=(), pid=None, connections=64):
     command.append(url)
     if args:
         command += ["--", *map(str, args)]
-    cpu_before = cpu_seconds(pid) if pid else 0
+    cpu_before, pg_before = cpu_seconds(pid) if pid else 0, postgres_cpu_seconds()
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    cpu = cpu_seconds(pid) - cpu_before if pid else 0
+    cpu, pg_cpu = cpu_seconds(pid) - cpu_before if pid else 0, postgres_cpu_seconds() - pg_before
     requests = int(re.search(r"(\d+) requests in", output).group(1))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     errors = re.search(r"Socket errors: (.*)", output)
@@ -203,11 +226,13 @@ def wrk(url, seconds, script=None, args=(), pid=None, connections=64):
         "p50": parse_duration_ms(re.search(r"^\s+50%\s+(\S+)\s*$", output, re.M).group(1)),
         "p99": parse_duration_ms(re.search(r"^\s+99%\s+(\S+)\s*$", output, re.M).group(1)),
         "cpu_us": cpu / requests * 1e6 if pid and requests else None,
+        "pg_cpu_us": pg_cpu / requests * 1e6 if requests else None,
         "failed": failed,
     }
 
 
 def pgbench(db, script, seconds, users):
+    pg_before = postgres_cpu_seconds()
     result = subprocess.run(
         ["pgbench", "-h", "127.0.0.1", "-U", "postgres", "-n", "-M", "prepared", "-c", "32", "-j", "2",
          "-T", str(seconds), "-D", f"users={users}", "-f", str(BENCH / "sql" / script), db],
@@ -215,9 +240,12 @@ def pgbench(db, script, seconds, users):
     if result.returncode != 0:
         raise SystemExit(f"pgbench {script} failed:\n{result.stdout}\n{result.stderr}")
     output = result.stdout
+    pg_cpu = postgres_cpu_seconds() - pg_before
+    transactions = int(re.search(r"number of transactions actually processed: (\d+)", output).group(1))
     latency = re.search(r"latency average = ([\d.]+) ms", output)
     return {"rps": float(re.search(r"tps = ([\d.]+)", output).group(1)),
-            "p50": float(latency.group(1)) if latency else None, "p99": None, "cpu_us": None, "failed": 0}
+            "p50": float(latency.group(1)) if latency else None, "p99": None, "cpu_us": None,
+            "pg_cpu_us": pg_cpu / transactions * 1e6 if transactions else None, "failed": 0}
 
 
 def deep_cursor(stack, rows):
@@ -284,7 +312,16 @@ def measure_worker(stack, args, ids_file):
     # POST-user runs, every row pgbench inserted): the worker phases get a topic and group of their own,
     # so every message the worker handles is one of the events measured.
     wait_for("the outbox to drain", lambda: psql("SELECT count(*) FROM outbox", stack.db, capture=True) == "0", 300)
-    stack.restart_api_on_topic("bench-worker")
+    stack.stop_process("api_uncached")
+    stack.restart_api(KAFKA_TOPIC="bench-worker", KAFKA_GROUP_ID="bench-worker")
+    # Idle: holding its partitions, nothing to do yet. Stopped again so that the backlog below builds
+    # up. (It must not leave mid-join: tansu's group coordinator then never assigns the next member.)
+    stack.start_worker()
+    wait_for("the worker's partitions", lambda: json.loads(urllib.request.urlopen(
+        stack.url("worker", "/health/ready"), timeout=2).read())["assigned"], 60)
+    time.sleep(1)
+    idle_rss = memory_kb(stack.pid("worker"), "VmRSS")
+    stack.stop_process("worker")
     seconds = 2 if args.smoke else 15
     processed = "SELECT count(*), coalesce(extract(epoch FROM max(processed_at) - min(processed_at)), 0) FROM events" \
                 " WHERE type = 'bench' AND status = 'processed' AND created_at > '{}'"
@@ -294,9 +331,13 @@ def measure_worker(stack, args, ids_file):
     wrk(stack.url("api", "/api/v1/events"), seconds, "create_event.lua", (str(ids_file),), connections=32)
     wait_for("the outbox to drain", lambda: psql("SELECT count(*) FROM outbox", stack.db, capture=True) == "0", 300)
     stack.start_worker()
+    cpu_before, pg_before = cpu_seconds(stack.pid("worker")), postgres_cpu_seconds()
     drain(stack, marker, timeout=600)
+    worker_cpu, pg_cpu = cpu_seconds(stack.pid("worker")) - cpu_before, postgres_cpu_seconds() - pg_before
     backlog, span = psql(processed.format(marker), stack.db, capture=True).split("|")
     backlog_rate = int(backlog) / max(float(span), 1e-3)
+    # Where the drain's time goes: CPU per event of the worker and of PostgreSQL (nothing else runs).
+    backlog_cpu_us = (worker_cpu / max(int(backlog), 1) * 1e6, pg_cpu / max(int(backlog), 1) * 1e6)
 
     log(f"worker: end-to-end throughput (POST as fast as possible for {seconds}s, until all processed)")
     marker = psql("SELECT now()", stack.db, capture=True)
@@ -308,15 +349,27 @@ def measure_worker(stack, args, ids_file):
     throughput = events / elapsed
 
     rate = max(10, int(throughput / 2))
-    log(f"worker: processing delay at a fixed {rate}/s (half the end-to-end throughput)")
-    marker = psql("SELECT now()", stack.db, capture=True)
-    subprocess.run([RELEASE / "fixed-rate", stack.url("api", ""), str(rate), str(seconds), str(ids_file)],
-                   check=True, capture_output=True)
-    drain(stack, marker, timeout=300)
-    p99 = float(psql(f"""SELECT coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM processed_at - created_at)), 0)
-                           FROM events WHERE type = 'bench' AND created_at > '{marker}'""", stack.db, capture=True))
+    # The producer's linger.ms trades publish latency for batching: the delay is measured at each value
+    # of the sweep (the api restarted with it), the configured default last.
+    delays = {}
+    for linger in ((DEFAULT_LINGER_MS,) if args.smoke else LINGER_SWEEP_MS):
+        log(f"worker: processing delay at a fixed {rate}/s (half the end-to-end throughput), linger.ms {linger}")
+        stack.restart_api(KAFKA_LINGER_MS=str(linger))
+        # A fresh api first connects its producer and takes the outbox publisher lock over: a 2 s warm-up
+        # run, then the measured one (the marker is the last run's).
+        for run_seconds in (2, seconds):
+            marker = psql("SELECT now()", stack.db, capture=True)
+            subprocess.run([RELEASE / "fixed-rate", stack.url("api", ""), str(rate), str(run_seconds), str(ids_file)],
+                           check=True, capture_output=True)
+            drain(stack, marker, timeout=300)
+        p50, p99 = psql(f"""SELECT coalesce(percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP
+                                     (ORDER BY extract(epoch FROM processed_at - created_at)), '{{0,0}}')::text
+                              FROM events WHERE type = 'bench' AND created_at > '{marker}'""",
+                        stack.db, capture=True).strip("{}").split(",")
+        delays[linger] = (float(p50) * 1000, float(p99) * 1000)
     return {"events": events, "seconds": elapsed, "throughput": throughput, "fixed_rate": rate,
-            "delay_p99_ms": p99 * 1000, "backlog": int(backlog), "backlog_rate": backlog_rate}
+            "delay_p99_ms": delays[DEFAULT_LINGER_MS][1], "delays": delays, "backlog": int(backlog),
+            "backlog_rate": backlog_rate, "backlog_cpu_us": backlog_cpu_us, "idle_rss": idle_rss}
 
 
 def drain(stack, since, timeout):
@@ -336,12 +389,12 @@ def fmt(value, digits=0):
 
 
 def report(args, results, ratios, worker, memory, users, events):
-    lines = ["| measurement | req/s (median) | p50 ms | p99 ms | CPU µs/req | non-2xx or timed out (all reps) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| measurement | req/s (median) | p50 ms | p99 ms | CPU µs/req | PostgreSQL CPU µs/req | non-2xx or timed out (all reps) |",
+             "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         med = lambda key: statistics.median([r[key] for r in runs]) if runs and runs[0][key] is not None else None
         failed = sum(r["failed"] for r in runs)
-        lines.append(f"| {name} | {fmt(med('rps'))} | {fmt(med('p50'), 2)} | {fmt(med('p99'), 2)} | {fmt(med('cpu_us'), 1)} | {failed} |")
+        lines.append(f"| {name} | {fmt(med('rps'))} | {fmt(med('p50'), 2)} | {fmt(med('p99'), 2)} | {fmt(med('cpu_us'), 1)} | {fmt(med('pg_cpu_us'), 1)} | {failed} |")
     lines += ["", "| target | ratio (median of reps) | worst rep | goal | result |", "|---|---|---|---|---|"]
     failures = 0
     for ratio, values in ratios.items():
@@ -354,9 +407,13 @@ def report(args, results, ratios, worker, memory, users, events):
     e2e_ok = worker["throughput"] >= 5000
     delay_ok = worker["delay_p99_ms"] < 250
     lines += ["", "| worker | value | goal | result |", "|---|---|---|---|",
-              f"| worker throughput (a backlog in Kafka → processed) | {worker['backlog_rate']:,.0f} events/s ({worker['backlog']} events) | ≥ 5,000 | {'pass' if worker_ok else 'FAIL'} |",
+              f"| worker throughput (a backlog in Kafka → processed; CPU per event: worker {worker['backlog_cpu_us'][0]:.0f} µs, PostgreSQL {worker['backlog_cpu_us'][1]:.0f} µs) | {worker['backlog_rate']:,.0f} events/s ({worker['backlog']} events) | ≥ 5,000 | {'pass' if worker_ok else 'FAIL'} |",
               f"| end-to-end throughput (POST → processed, api and worker on the same 2 cores) | {worker['throughput']:,.0f} events/s ({worker['events']} in {worker['seconds']:.1f} s) | ≥ 5,000 | {'pass' if e2e_ok else 'FAIL'} |",
               f"| p99 processing delay at {worker['fixed_rate']}/s | {worker['delay_p99_ms']:.0f} ms | < 250 ms | {'pass' if delay_ok else 'FAIL'} |"]
+    lines += ["", f"| producer linger.ms (delay at {worker['fixed_rate']}/s) | p50 ms | p99 ms |", "|---|---|---|"]
+    for linger, (p50, p99) in sorted(worker["delays"].items()):
+        default = " (default)" if linger == DEFAULT_LINGER_MS else ""
+        lines.append(f"| {linger}{default} | {p50:.0f} | {p99:.0f} |")
     lines += ["", "| memory (RSS) | MB | goal | result |", "|---|---|---|---|"]
     for name, (value, goal) in memory.items():
         lines.append(f"| {name} | {value / 1024:.1f} | < {goal} | {'pass' if value / 1024 < goal else 'FAIL'} |")
@@ -390,6 +447,7 @@ def main():
             results, ratios = measure_http(stack, args, ids_file, users)
             memory["api under 64-connection load (peak)"] = (memory_kb(stack.pid("api"), "VmHWM"), 80)
             worker = measure_worker(stack, args, ids_file)
+            memory["worker idle"] = (worker["idle_rss"], 60)
             memory["worker (peak)"] = (memory_kb(stack.pid("worker"), "VmHWM"), 60)
             report(args, results, ratios, worker, memory, users, events)
         except BaseException:
