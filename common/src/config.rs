@@ -29,7 +29,7 @@
 //! - `EVENT_MAX_DATA_BYTES` [65536]: largest serialized `data` of an event (413 beyond).
 //! - `OUTBOX_BATCH_SIZE` [500], `OUTBOX_POLL_INTERVAL_MS` [100]: the api's outbox relay.
 //! - `WORKER_HTTP_PORT` [8081], `WORKER_CONCURRENCY` [16], `WORKER_MAX_RETRIES` [5],
-//!   `WORKER_RETRY_BACKOFF_MS` [100], `WORKER_MAX_IN_FLIGHT` [1000]: the worker.
+//!   `WORKER_RETRY_BACKOFF_MS` [100], `WORKER_MAX_IN_FLIGHT` [4000]: the worker.
 
 use std::fmt::Display;
 use std::net::{IpAddr, SocketAddr};
@@ -314,7 +314,7 @@ impl Config {
                 concurrency: env.parse("WORKER_CONCURRENCY", NonZeroU32::new(16).expect("non-zero"))?,
                 max_retries: env.parse("WORKER_MAX_RETRIES", 5)?,
                 retry_backoff: env.millis("WORKER_RETRY_BACKOFF_MS", 100)?,
-                max_in_flight: env.parse("WORKER_MAX_IN_FLIGHT", NonZeroU32::new(1000).expect("non-zero"))?,
+                max_in_flight: env.parse("WORKER_MAX_IN_FLIGHT", NonZeroU32::new(4000).expect("non-zero"))?,
             },
         })
     }
