@@ -22,7 +22,7 @@
 //!   `KAFKA_GROUP_ID` [highload-service], `KAFKA_TOPIC_PARTITIONS` [12] and
 //!   `KAFKA_REPLICATION_FACTOR` [1] (used when a binary creates missing topics).
 //! - `KAFKA_SESSION_TIMEOUT_MS` [10000], `KAFKA_HEARTBEAT_INTERVAL_MS` [1000]: consumer group liveness.
-//! - `KAFKA_LINGER_MS` [5]: producer batching delay; `KAFKA_MESSAGE_TIMEOUT_MS` [0 = never]: how long
+//! - `KAFKA_LINGER_MS` [0]: producer batching delay; `KAFKA_MESSAGE_TIMEOUT_MS` [0 = never]: how long
 //!   the producer retries a message before giving it back to the outbox relay.
 //! - `KAFKA_FETCH_WAIT_MAX_MS` [100]: longest a consumer fetch waits on the broker for new messages,
 //!   which is also how long a new event can sit in Kafka before the worker sees it.
@@ -300,7 +300,7 @@ impl Config {
                 replication_factor: env.parse("KAFKA_REPLICATION_FACTOR", NonZeroU32::MIN)?,
                 session_timeout: env.millis("KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
                 heartbeat_interval: env.millis("KAFKA_HEARTBEAT_INTERVAL_MS", 1_000)?,
-                linger: env.millis("KAFKA_LINGER_MS", 5)?,
+                linger: env.millis("KAFKA_LINGER_MS", 0)?,
                 message_timeout: env.millis("KAFKA_MESSAGE_TIMEOUT_MS", 0)?,
                 fetch_wait_max: env.millis("KAFKA_FETCH_WAIT_MAX_MS", 100)?,
             },
