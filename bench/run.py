@@ -137,9 +137,7 @@ class Stack:
         return self.processes[name]
 
     def start_apps(self):
-        # A TTL longer than the run: entries must not expire between the warm-up and the last rep.
-        self.start("api", [RELEASE / "api"], {**self.env, "SERVER_PORT": str(self.ports["api"]), "RUN_MIGRATIONS": "false",
-                                              "CACHE_TTL": "7200"})
+        self.start_cached_api()
         self.start("api_uncached", [RELEASE / "api"], {**self.env, "SERVER_PORT": str(self.ports["api_uncached"]),
                                                         "CACHE_TTL": "0", "RUN_MIGRATIONS": "false"})
         self.start("ref", [RELEASE / "refserver"], {**self.env, "REF_PORT": str(self.ports["ref"]),
@@ -150,6 +148,11 @@ class Stack:
             wait_for(name, lambda n=name: http_ok(f"http://127.0.0.1:{self.ports[n]}/health/ready"))
         wait_for("refserver", lambda: http_ok(f"http://127.0.0.1:{self.ports['ref']}/static"))
 
+    def start_cached_api(self):
+        # A TTL longer than the run: entries must not expire between the warm-up and the last rep.
+        self.start("api", [RELEASE / "api"], {**self.env, "SERVER_PORT": str(self.ports["api"]), "RUN_MIGRATIONS": "false",
+                                              "CACHE_TTL": "7200"})
+
     def stop_process(self, name):
         self.processes[name].terminate()
         self.processes[name].wait(timeout=30)
@@ -158,8 +161,7 @@ class Stack:
         """Restarts the cached api with `env` on top of the stack's variables (which keep it)."""
         self.stop_process("api")
         self.env = {**self.env, **env}
-        self.start("api", [RELEASE / "api"], {**self.env, "SERVER_PORT": str(self.ports["api"]), "RUN_MIGRATIONS": "false",
-                                              "CACHE_TTL": "7200"})
+        self.start_cached_api()
         wait_for("api", lambda: http_ok(self.url("api", "/health/ready")))
 
     def start_worker(self):
@@ -311,7 +313,7 @@ def measure_worker(stack, args, ids_file):
     # The HTTP phase filled the topic with messages no figure here counts (every user_created of the
     # POST-user runs, every row pgbench inserted): the worker phases get a topic and group of their own,
     # so every message the worker handles is one of the events measured.
-    wait_for("the outbox to drain", lambda: psql("SELECT count(*) FROM outbox", stack.db, capture=True) == "0", 300)
+    wait_outbox_drained(stack)
     stack.stop_process("api_uncached")
     stack.restart_api(KAFKA_TOPIC="bench-worker", KAFKA_GROUP_ID="bench-worker")
     # Idle: holding its partitions, nothing to do yet. Stopped again so that the backlog below builds
@@ -329,7 +331,7 @@ def measure_worker(stack, args, ids_file):
     log(f"worker: a backlog POSTed for {seconds}s with no worker running, then drained by the worker alone")
     marker = psql("SELECT now()", stack.db, capture=True)
     wrk(stack.url("api", "/api/v1/events"), seconds, "create_event.lua", (str(ids_file),), connections=32)
-    wait_for("the outbox to drain", lambda: psql("SELECT count(*) FROM outbox", stack.db, capture=True) == "0", 300)
+    wait_outbox_drained(stack)
     stack.start_worker()
     cpu_before, pg_before = cpu_seconds(stack.pid("worker")), postgres_cpu_seconds()
     drain(stack, marker, timeout=600)
@@ -370,6 +372,10 @@ def measure_worker(stack, args, ids_file):
     return {"events": events, "seconds": elapsed, "throughput": throughput, "fixed_rate": rate,
             "delay_p99_ms": delays[DEFAULT_LINGER_MS][1], "delays": delays, "backlog": int(backlog),
             "backlog_rate": backlog_rate, "backlog_cpu_us": backlog_cpu_us, "idle_rss": idle_rss}
+
+
+def wait_outbox_drained(stack):
+    wait_for("the outbox to drain", lambda: psql("SELECT count(*) FROM outbox", stack.db, capture=True) == "0", 300)
 
 
 def drain(stack, since, timeout):

@@ -3,9 +3,8 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use testkit::FaultProxy;
 
-use crate::helpers::{ApiHandle, Stack};
+use crate::helpers::{ApiHandle, Stack, postgres_proxy};
 
 async fn assigned(client: &reqwest::Client, worker: std::net::SocketAddr) -> bool {
     let ready: Value = client.get(format!("http://{worker}/health/ready")).send().await.unwrap().json().await.unwrap();
@@ -102,9 +101,7 @@ async fn outbox_rows_of_every_api_replica_are_published_and_publishing_fails_ove
 /// and later got the others back must fetch from those again (they once stalled consumption for good).
 #[tokio::test(flavor = "multi_thread")]
 async fn partitions_paused_for_backpressure_are_fetched_again_when_they_come_back() {
-    let vars = testkit::service_vars();
-    let postgres = FaultProxy::in_front_of(&format!("{}:{}", vars["DB_HOST"], vars["DB_PORT"])).await;
-    let port = postgres.addr().port().to_string();
+    let (postgres, port) = postgres_proxy().await;
     let stack = Stack::start(&[]).await;
     let mut users = Vec::new();
     for _ in 0..16 {

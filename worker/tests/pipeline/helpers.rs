@@ -13,7 +13,7 @@ use diesel_async::RunQueryDsl;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use serde_json::{Value, json};
-use testkit::Broker;
+use testkit::{Broker, FaultProxy};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
@@ -237,6 +237,14 @@ impl Stack {
         consumer.subscribe(&[topic]).unwrap();
         consumer
     }
+}
+
+/// A proxy in front of the test PostgreSQL server, and the `DB_PORT` that goes through it.
+pub async fn postgres_proxy() -> (FaultProxy, String) {
+    let vars = testkit::service_vars();
+    let proxy = FaultProxy::in_front_of(&format!("{}:{}", vars["DB_HOST"], vars["DB_PORT"])).await;
+    let port = proxy.addr().port().to_string();
+    (proxy, port)
 }
 
 /// A child process and the lines it wrote to stdout so far.

@@ -5,17 +5,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use testkit::FaultProxy;
 
-use crate::helpers::Stack;
-
-/// A proxy in front of the test PostgreSQL server, and the `DB_PORT` that goes through it.
-async fn postgres_proxy() -> (FaultProxy, String) {
-    let vars = testkit::service_vars();
-    let proxy = FaultProxy::in_front_of(&format!("{}:{}", vars["DB_HOST"], vars["DB_PORT"])).await;
-    let port = proxy.addr().port().to_string();
-    (proxy, port)
-}
+use crate::helpers::{Stack, postgres_proxy};
 
 async fn wait_live(stack: &Stack, api: &str) {
     testkit::eventually("the api process to listen", Duration::from_secs(30), || async {
