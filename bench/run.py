@@ -25,9 +25,12 @@ BENCH = ROOT / "bench"
 RELEASE = ROOT / "target" / "release"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# The producer's linger.ms values the delay is measured at; the last is the configured default.
+# The producer's linger.ms values the delay is measured at, the configured default (kept in step with
+# common/src/config.rs by hand) first.
 DEFAULT_LINGER_MS = 0
-LINGER_SWEEP_MS = (5, 20, DEFAULT_LINGER_MS)
+LINGER_SWEEP_MS = (DEFAULT_LINGER_MS, 5, 20)
+# The stages of `worker_event_age_seconds`, in the order an event passes them.
+AGE_STAGES = ("published", "received", "processed")
 
 # name: (ratio target, description); checked on the median of per-rep ratios.
 TARGETS = {
@@ -165,8 +168,17 @@ class Stack:
         wait_for("api", lambda: http_ok(self.url("api", "/health/ready")))
 
     def start_worker(self):
+        """Starts the worker and waits until it holds its partitions."""
         self.start("worker", [RELEASE / "worker"], {**self.env, "WORKER_HTTP_PORT": str(self.ports["worker"])})
-        wait_for("worker", lambda: http_ok(f"http://127.0.0.1:{self.ports['worker']}/health/ready"))
+        wait_for("the worker's partitions", lambda: json.loads(urllib.request.urlopen(
+            self.url("worker", "/health/ready"), timeout=2).read())["assigned"], 60)
+
+    def use_topic(self, topic, **env):
+        """Restarts the cached api and the worker on a topic and group of their own (plus `env`)."""
+        if self.processes["worker"].poll() is None:
+            self.stop_process("worker")
+        self.restart_api(KAFKA_TOPIC=topic, KAFKA_GROUP_ID=topic, **env)
+        self.start_worker()
 
     def pid(self, name):
         return self.processes[name].pid
@@ -317,10 +329,9 @@ def measure_worker(stack, args, ids_file):
     stack.stop_process("api_uncached")
     stack.restart_api(KAFKA_TOPIC="bench-worker", KAFKA_GROUP_ID="bench-worker")
     # Idle: holding its partitions, nothing to do yet. Stopped again so that the backlog below builds
-    # up. (It must not leave mid-join: tansu's group coordinator then never assigns the next member.)
+    # up. (It must not leave mid-join, so start_worker waits for the assignment: tansu's group
+    # coordinator then never assigns the next member.)
     stack.start_worker()
-    wait_for("the worker's partitions", lambda: json.loads(urllib.request.urlopen(
-        stack.url("worker", "/health/ready"), timeout=2).read())["assigned"], 60)
     time.sleep(1)
     idle_rss = memory_kb(stack.pid("worker"), "VmRSS")
     stack.stop_process("worker")
@@ -352,26 +363,59 @@ def measure_worker(stack, args, ids_file):
 
     rate = max(10, int(throughput / 2))
     # The producer's linger.ms trades publish latency for batching: the delay is measured at each value
-    # of the sweep (the api restarted with it), the configured default last.
+    # of the sweep. Each on a topic of its own: tansu's in-memory log gets slower (and costs more CPU)
+    # as a topic grows, which made whatever was measured last the slowest.
     delays = {}
     for linger in ((DEFAULT_LINGER_MS,) if args.smoke else LINGER_SWEEP_MS):
         log(f"worker: processing delay at a fixed {rate}/s (half the end-to-end throughput), linger.ms {linger}")
-        stack.restart_api(KAFKA_LINGER_MS=str(linger))
+        stack.use_topic(f"bench-delay-{linger}", KAFKA_LINGER_MS=str(linger))
         # A fresh api first connects its producer and takes the outbox publisher lock over: a 2 s warm-up
-        # run, then the measured one (the marker is the last run's).
+        # run, then the measured one (the marker and the histogram snapshot are the last run's).
         for run_seconds in (2, seconds):
-            marker = psql("SELECT now()", stack.db, capture=True)
-            subprocess.run([RELEASE / "fixed-rate", stack.url("api", ""), str(rate), str(run_seconds), str(ids_file)],
-                           check=True, capture_output=True)
+            marker, ages_before = psql("SELECT now()", stack.db, capture=True), stage_ages(stack)
+            posted = subprocess.run([RELEASE / "fixed-rate", stack.url("api", ""), str(rate), str(run_seconds),
+                                     str(ids_file)], check=True, capture_output=True, text=True).stdout.split()
             drain(stack, marker, timeout=300)
+        ages_after = stage_ages(stack)
         p50, p99 = psql(f"""SELECT coalesce(percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP
                                      (ORDER BY extract(epoch FROM processed_at - created_at)), '{{0,0}}')::text
                               FROM events WHERE type = 'bench' AND created_at > '{marker}'""",
                         stack.db, capture=True).strip("{}").split(",")
-        delays[linger] = (float(p50) * 1000, float(p99) * 1000)
+        stages = {stage: tuple(age_quantile(ages_before, ages_after, stage, q) for q in (0.5, 0.99))
+                  for stage in AGE_STAGES}
+        delays[linger] = {"p50": float(p50) * 1000, "p99": float(p99) * 1000, "stages": stages,
+                          "acknowledged": int(posted[0]), "refused": int(posted[1])}
     return {"events": events, "seconds": elapsed, "throughput": throughput, "fixed_rate": rate,
-            "delay_p99_ms": delays[DEFAULT_LINGER_MS][1], "delays": delays, "backlog": int(backlog),
+            "delay_p99_ms": delays[DEFAULT_LINGER_MS]["p99"], "delays": delays, "backlog": int(backlog),
             "backlog_rate": backlog_rate, "backlog_cpu_us": backlog_cpu_us, "idle_rss": idle_rss}
+
+
+def stage_ages(stack):
+    """The worker's `worker_event_age_seconds` buckets: {stage: {upper bound: cumulative count}}."""
+    text = urllib.request.urlopen(stack.url("worker", "/metrics"), timeout=5).read().decode()
+    stages = {}
+    for labels, count in re.findall(r"^worker_event_age_seconds_bucket\{(.*)\} (\d+)$", text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        stages.setdefault(labels["stage"], {})[float(labels["le"])] = int(count)
+    return stages
+
+
+def age_quantile(before, after, stage, q):
+    """Quantile `q` of the ages observed between two `stage_ages` snapshots, interpolated within its
+    bucket the way Prometheus' histogram_quantile does."""
+    buckets = sorted((bound, count - before.get(stage, {}).get(bound, 0))
+                     for bound, count in after.get(stage, {}).items())
+    total = buckets[-1][1] if buckets else 0
+    if total == 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1)
+        lower, below = bound, count
+    return lower
 
 
 def wait_outbox_drained(stack):
@@ -416,10 +460,14 @@ def report(args, results, ratios, worker, memory, users, events):
               f"| worker throughput (a backlog in Kafka → processed; CPU per event: worker {worker['backlog_cpu_us'][0]:.0f} µs, PostgreSQL {worker['backlog_cpu_us'][1]:.0f} µs) | {worker['backlog_rate']:,.0f} events/s ({worker['backlog']} events) | ≥ 5,000 | {'pass' if worker_ok else 'FAIL'} |",
               f"| end-to-end throughput (POST → processed, api and worker on the same 2 cores) | {worker['throughput']:,.0f} events/s ({worker['events']} in {worker['seconds']:.1f} s) | ≥ 5,000 | {'pass' if e2e_ok else 'FAIL'} |",
               f"| p99 processing delay at {worker['fixed_rate']}/s | {worker['delay_p99_ms']:.0f} ms | < 250 ms | {'pass' if delay_ok else 'FAIL'} |"]
-    lines += ["", f"| producer linger.ms (delay at {worker['fixed_rate']}/s) | p50 ms | p99 ms |", "|---|---|---|"]
-    for linger, (p50, p99) in sorted(worker["delays"].items()):
+    lines += ["", f"| producer linger.ms (delay at {worker['fixed_rate']}/s) | p50 ms | p99 ms | POSTs refused "
+              "| age at publish p50 / p99 ms | at receipt | at commit (histogram) |", "|---|---|---|---|---|---|---|"]
+    for linger, delay in worker["delays"].items():
         default = " (default)" if linger == DEFAULT_LINGER_MS else ""
-        lines.append(f"| {linger}{default} | {p50:.0f} | {p99:.0f} |")
+        ages = " | ".join(f"{fmt(p50 and p50 * 1000)} / {fmt(p99 and p99 * 1000)}"
+                          for p50, p99 in (delay["stages"][stage] for stage in AGE_STAGES))
+        lines.append(f"| {linger}{default} | {delay['p50']:.0f} | {delay['p99']:.0f} | "
+                     f"{delay['refused']} of {delay['acknowledged'] + delay['refused']} | {ages} |")
     lines += ["", "| memory (RSS) | MB | goal | result |", "|---|---|---|---|"]
     for name, (value, goal) in memory.items():
         lines.append(f"| {name} | {value / 1024:.1f} | < {goal} | {'pass' if value / 1024 < goal else 'FAIL'} |")

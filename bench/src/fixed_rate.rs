@@ -2,7 +2,8 @@
 //! finished), for the worker's processing-delay measurement in `bench/run`.
 //!
 //! Usage: `fixed-rate <api base url> <rate per second> <seconds> <file of user ids>`; prints the
-//! number of events acknowledged.
+//! number of events acknowledged and the number refused (any other answer, or none). Refusals are
+//! reported, not fatal: an overloaded api shedding load with 503 is behaving as designed.
 
 use std::time::{Duration, Instant};
 
@@ -36,10 +37,9 @@ async fn main() -> anyhow::Result<()> {
             acknowledged += 1;
         }
     }
-    anyhow::ensure!(acknowledged == total, "only {acknowledged} of {total} events were acknowledged");
     #[expect(clippy::print_stdout, reason = "the result is the program's output")]
     {
-        println!("{acknowledged}");
+        println!("{acknowledged} {}", total - acknowledged);
     }
     Ok(())
 }

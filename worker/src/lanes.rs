@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use common::kafka::{EventMessage, headers};
 use common::pool::DbPool;
 use rdkafka::Message;
@@ -20,6 +21,8 @@ pub struct Job {
     pub message: OwnedMessage,
     /// Its partition's assignment generation (see [`crate::offsets::OffsetTracker`]).
     pub generation: u64,
+    /// When the consumer handed it over (wall clock: compared with the event's own timestamp).
+    pub received: DateTime<Utc>,
 }
 
 /// A finished message: its effects are durable (or it was dead-lettered), so its offset may be stored.
@@ -89,7 +92,7 @@ async fn handle_batch(context: &LaneContext, batch: &[Job]) -> usize {
         }
     }
     for (finished, job) in batch.iter().enumerate() {
-        if handle(context, &job.message).await.is_none() {
+        if handle(context, job).await.is_none() {
             return finished;
         }
     }
@@ -113,6 +116,7 @@ async fn apply_batch(context: &LaneContext, batch: &[Job], events: &[EventMessag
                     let span = event_span(&job.message);
                     record_event(&span, event);
                     span.in_scope(|| finished(context, applied, started));
+                    record_age(context, job, event, applied);
                 }
                 return BatchOutcome::Applied;
             }
@@ -133,9 +137,9 @@ async fn apply_batch(context: &LaneContext, batch: &[Job], events: &[EventMessag
 }
 
 /// Applies a message; `None` when shutdown interrupted it (not finished: it will be redelivered).
-async fn handle(context: &LaneContext, message: &OwnedMessage) -> Option<()> {
-    let span = event_span(message);
-    process(context, message, &span).instrument(span.clone()).await
+async fn handle(context: &LaneContext, job: &Job) -> Option<()> {
+    let span = event_span(&job.message);
+    process(context, job, &span).instrument(span.clone()).await
 }
 
 /// The span of one message's log lines: where it came from and the request that caused it.
@@ -173,7 +177,25 @@ fn finished(context: &LaneContext, applied: Applied, started: std::time::Instant
     tracing::info!(duration_ms = started.elapsed().as_secs_f64() * 1000.0, outcome, "event finished");
 }
 
-async fn process(context: &LaneContext, message: &OwnedMessage, span: &tracing::Span) -> Option<()> {
+/// Records how old an applied event was when the relay published it, when the worker received it and
+/// now that its effects are committed: where an event's delay accrues. A redelivery of an event
+/// already applied is left out (its age measures the redelivery, not the pipeline).
+fn record_age(context: &LaneContext, job: &Job, event: &EventMessage, applied: Applied) {
+    if applied == Applied::AlreadyDone {
+        return;
+    }
+    // Clocks of different hosts may disagree a little: never a negative age.
+    let age = |at: DateTime<Utc>| ((at - event.timestamp).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6).max(0.0);
+    let ages = &context.metrics.age;
+    if let Some(published) = job.message.timestamp().to_millis().and_then(DateTime::from_timestamp_millis) {
+        ages.with_label_values(&["published"]).observe(age(published));
+    }
+    ages.with_label_values(&["received"]).observe(age(job.received));
+    ages.with_label_values(&["processed"]).observe(age(Utc::now()));
+}
+
+async fn process(context: &LaneContext, job: &Job, span: &tracing::Span) -> Option<()> {
+    let message = &job.message;
     let event = match decode(message) {
         Ok(event) => event,
         Err(error) => {
@@ -190,6 +212,7 @@ async fn process(context: &LaneContext, message: &OwnedMessage, span: &tracing::
         match effects::apply(&context.pool, &[&event]).await {
             Ok(applied) => {
                 finished(context, applied[0], started);
+                record_age(context, job, &event, applied[0]);
                 return Some(());
             }
             Err(EffectError::Unavailable(error)) => {

@@ -1,7 +1,9 @@
 //! The worker's Prometheus metrics (SPEC §6).
 
 use common::metrics::{LATENCY_BUCKETS, register};
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// Every metric the worker exports.
 pub struct WorkerMetrics {
@@ -16,6 +18,9 @@ pub struct WorkerMetrics {
     pub retried: IntCounterVec,
     /// Time from receiving a message to its effects being committed.
     pub processing: Histogram,
+    /// An applied event's age (since its timestamp) when the relay `published` it, when the worker
+    /// `received` it and when its effects were `processed`: the end-to-end delay and where it accrues.
+    pub age: HistogramVec,
     /// Messages received and not yet finished.
     pub in_flight: IntGauge,
     /// Per partition: the broker's end offset minus the group's committed offset.
@@ -53,6 +58,15 @@ impl WorkerMetrics {
                 )
                 .expect("valid"),
             ),
+            age: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new("worker_event_age_seconds", "Age of an applied event at each stage")
+                        .buckets(AGE_BUCKETS.to_vec()),
+                    &["stage"],
+                )
+                .expect("valid"),
+            ),
             in_flight: register(
                 r,
                 IntGauge::new("worker_events_in_flight", "Messages received and not yet finished").expect("valid"),
@@ -69,6 +83,12 @@ impl WorkerMetrics {
         }
     }
 }
+
+/// Finer than the request-latency buckets where the delay target lies (tenths of a second), and long
+/// enough for a backlog's age.
+const AGE_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 
 impl Default for WorkerMetrics {
     fn default() -> Self {

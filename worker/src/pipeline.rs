@@ -131,7 +131,7 @@ impl Pipeline {
                         let generation = tracker.generation(partition);
                         let lane = lane_of(message.key(), partition, lane_count);
                         // The lane channel is unbounded, but fetching pauses below at WORKER_MAX_IN_FLIGHT.
-                        let _ = lanes[lane].send(Job { message, generation });
+                        let _ = lanes[lane].send(Job { message, generation, received: chrono::Utc::now() });
                         self.apply_backpressure(&mut paused, tracker.in_flight(), max_in_flight, false);
                     }
                     Err(err) => {

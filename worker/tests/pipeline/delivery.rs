@@ -46,11 +46,24 @@ async fn an_event_is_processed_end_to_end_and_its_message_matches_the_contract()
         r#"worker_events_finished_total{outcome="processed"} 1"#,
         r#"worker_events_finished_total{outcome="lifecycle"} 1"#,
         "worker_event_processing_seconds_bucket",
+        r#"worker_event_age_seconds_count{stage="published"} 2"#,
+        r#"worker_event_age_seconds_count{stage="received"} 2"#,
+        r#"worker_event_age_seconds_count{stage="processed"} 2"#,
         "worker_events_in_flight",
         "process_resident_memory_bytes",
     ] {
         assert!(metrics.contains(needle), "worker metrics lack {needle}:\n{metrics}");
     }
+    // An event only gets older along the way.
+    let age_sum = |stage: &str| -> f64 {
+        let prefix = format!("worker_event_age_seconds_sum{{stage=\"{stage}\"}} ");
+        metrics.lines().find_map(|line| line.strip_prefix(prefix.as_str())).unwrap().parse().unwrap()
+    };
+    let (published, received, processed) = (age_sum("published"), age_sum("received"), age_sum("processed"));
+    assert!(
+        0.0 <= published && published <= received && received <= processed,
+        "ages out of order: published {published}, received {received}, processed {processed}"
+    );
 
     // SPEC §4: key = user_id, JSON value with the seed's field names, the three headers.
     let reader = stack.reader(&stack.config.kafka.topic);
