@@ -4,9 +4,9 @@
 //! connection. That keeps one user's events in order on the topic even with many replicas, and a
 //! replica that dies releases the lock with its session, so another takes over within
 //! [`STANDBY_POLL`]. Writes on this replica wake the relay at once; rows written by other replicas
-//! are found within `OUTBOX_POLL_INTERVAL_MS`. Up to [`MAX_BATCHES_IN_FLIGHT`] batches are sent
-//! before the oldest one's acknowledgements are awaited, so Kafka's acknowledgement latency is not
-//! paid once per batch. When Kafka is slow or down the rows simply stay in the outbox and are
+//! are found within `OUTBOX_POLL_INTERVAL_MS`. Up to [`MAX_BATCHES_IN_FLIGHT`] batches await their
+//! acknowledgements at once, and rows committed meanwhile are sent while there is room, so Kafka's
+//! acknowledgement latency is not paid once per batch. When Kafka is slow or down the rows simply stay in the outbox and are
 //! retried with backoff; requests never wait for Kafka.
 
 use std::collections::VecDeque;
@@ -83,12 +83,21 @@ impl Relay {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
-            let Some(batch) = in_flight.pop_front() else {
+            let room = in_flight.len() < MAX_BATCHES_IN_FLIGHT;
+            let Some(oldest) = in_flight.front_mut() else {
                 backoff = Duration::from_millis(100);
                 wait(&mut stop, self.config.outbox.poll_interval, Some(&self.signal)).await;
                 continue;
             };
-            match self.finish(conn, batch, &stop).await {
+            // Rows committed while batches await their acknowledgements go out at once (while there
+            // is room for another batch) instead of queueing behind the oldest one's acknowledgement.
+            let results = tokio::select! {
+                results = &mut oldest.deliveries => results,
+                () = self.signal.0.notified(), if room => continue,
+                _ = stop.changed() => continue,
+            };
+            let batch = in_flight.pop_front().expect("the oldest batch is in flight");
+            match self.record(conn, &batch.ids, &results).await {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(BatchError::Database(err)) => {
                     tracing::warn!(error = %err, "outbox relay lost its database connection; re-electing");
@@ -219,7 +228,6 @@ impl Relay {
         stop: &watch::Receiver<bool>,
     ) -> Result<(), BatchError> {
         let Batch { ids, deliveries } = batch;
-        let queued = ids.len();
         let mut deliveries = std::pin::pin!(deliveries);
         let mut stop = stop.clone();
         let results = tokio::select! {
@@ -227,12 +235,23 @@ impl Relay {
             () = async { let _ = stop.wait_for(|stopped| *stopped).await; } => {
                 match tokio::time::timeout(self.config.server.shutdown_timeout, &mut deliveries).await {
                     Ok(results) => results,
-                    Err(_) => return Err(BatchError::Kafka(queued)),
+                    Err(_) => return Err(BatchError::Kafka(ids.len())),
                 }
             }
         };
+        self.record(conn, &ids, &results).await
+    }
+
+    /// Deletes the rows of a batch that Kafka acknowledged and counts the outcome.
+    async fn record(
+        &self,
+        conn: &mut AsyncPgConnection,
+        ids: &[i64],
+        results: &[<DeliveryFuture as Future>::Output],
+    ) -> Result<(), BatchError> {
+        let queued = ids.len();
         let delivered: Vec<i64> =
-            ids.iter().zip(&results).filter(|(_, result)| matches!(result, Ok(Ok(_)))).map(|(id, _)| *id).collect();
+            ids.iter().zip(results).filter(|(_, result)| matches!(result, Ok(Ok(_)))).map(|(id, _)| *id).collect();
         if !delivered.is_empty() {
             diesel::delete(outbox::table.filter(outbox::id.eq_any(&delivered)))
                 .execute(conn)
