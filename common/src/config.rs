@@ -24,8 +24,9 @@
 //! - `KAFKA_SESSION_TIMEOUT_MS` [10000], `KAFKA_HEARTBEAT_INTERVAL_MS` [1000]: consumer group liveness.
 //! - `KAFKA_LINGER_MS` [0]: producer batching delay; `KAFKA_MESSAGE_TIMEOUT_MS` [0 = never]: how long
 //!   the producer retries a message before giving it back to the outbox relay.
-//! - `KAFKA_FETCH_WAIT_MAX_MS` [100]: longest a consumer fetch waits on the broker for new messages,
-//!   which is also how long a new event can sit in Kafka before the worker sees it.
+//! - `KAFKA_FETCH_WAIT_MAX_MS` [20]: longest a consumer fetch waits on the broker for new messages.
+//!   Kafka answers a waiting fetch as soon as data arrives; on tansu the wait shows in the delay
+//!   from commit to processing (measured). Lower costs only more idle fetch requests.
 //! - `EVENT_MAX_DATA_BYTES` [65536]: largest serialized `data` of an event (413 beyond).
 //! - `OUTBOX_BATCH_SIZE` [500], `OUTBOX_POLL_INTERVAL_MS` [100]: the api's outbox relay.
 //! - `WORKER_HTTP_PORT` [8081], `WORKER_CONCURRENCY` [16], `WORKER_MAX_RETRIES` [5],
@@ -302,7 +303,7 @@ impl Config {
                 heartbeat_interval: env.millis("KAFKA_HEARTBEAT_INTERVAL_MS", 1_000)?,
                 linger: env.millis("KAFKA_LINGER_MS", 0)?,
                 message_timeout: env.millis("KAFKA_MESSAGE_TIMEOUT_MS", 0)?,
-                fetch_wait_max: env.millis("KAFKA_FETCH_WAIT_MAX_MS", 100)?,
+                fetch_wait_max: env.millis("KAFKA_FETCH_WAIT_MAX_MS", 20)?,
             },
             events: EventsConfig { max_data_bytes: env.parse("EVENT_MAX_DATA_BYTES", 65_536)? },
             outbox: OutboxConfig {
