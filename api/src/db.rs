@@ -55,10 +55,35 @@ pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `work` in one transaction on a task of its own: a request that times out stops waiting, but
-/// cannot cancel the transaction half-way; it commits or rolls back as a whole.
+/// Runs `work` in one transaction on a task of its own (see [`detached`]).
 /// Any error from `work` rolls the transaction back.
 pub async fn transaction<T, F>(pool: &DbPool, work: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T, ApiError>> + Send + 'static,
+{
+    detached(pool, move |conn| {
+        Box::pin(async move {
+            AnsiTransactionManager::begin_transaction(conn).await?;
+            match work(conn).await {
+                Ok(value) => {
+                    AnsiTransactionManager::commit_transaction(conn).await?;
+                    Ok(value)
+                }
+                Err(err) => {
+                    // A failed rollback leaves the connection marked broken; the pool then discards it.
+                    let _ = AnsiTransactionManager::rollback_transaction(conn).await;
+                    Err(err)
+                }
+            }
+        })
+    })
+    .await
+}
+
+/// Runs a write on a pooled connection on a task of its own: a request that times out stops waiting,
+/// but cannot cancel the write half-way; it completes or fails as a whole.
+pub async fn detached<T, F>(pool: &DbPool, work: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T, ApiError>> + Send + 'static,
@@ -66,22 +91,10 @@ where
     let pool = pool.clone();
     tokio::spawn(async move {
         let mut pooled = pool.get_owned().await?;
-        let conn: &mut AsyncPgConnection = &mut pooled;
-        AnsiTransactionManager::begin_transaction(conn).await?;
-        match work(conn).await {
-            Ok(value) => {
-                AnsiTransactionManager::commit_transaction(conn).await?;
-                Ok(value)
-            }
-            Err(err) => {
-                // A failed rollback leaves the connection marked broken; the pool then discards it.
-                let _ = AnsiTransactionManager::rollback_transaction(conn).await;
-                Err(err)
-            }
-        }
+        work(&mut pooled).await
     })
     .await
-    .map_err(|err| ApiError::Internal(anyhow::Error::new(err).context("transaction task failed")))?
+    .map_err(|err| ApiError::Internal(anyhow::Error::new(err).context("database task failed")))?
 }
 
 impl From<bb8::RunError<PoolError>> for ApiError {

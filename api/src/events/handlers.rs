@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::repo::{self, EventFilter};
 use super::validate;
-use crate::db::transaction;
+use crate::db::detached;
 use crate::http::error::ApiError;
 use crate::http::query::{Cursor, Pagination};
 use crate::http::response::{self, HttpResponse};
@@ -16,14 +16,14 @@ use crate::outbox;
 use crate::pages;
 use crate::state::AppState;
 
-/// `POST /api/v1/events`: the event and its outbox row in one transaction.
+/// `POST /api/v1/events`: the event and its outbox row in one statement.
 pub async fn create(state: &AppState, request_id: &str, request: CreateEventRequest) -> Result<HttpResponse, ApiError> {
     let event = validate::new_event(request, state.config.events.max_data_bytes)?;
-    let request_id = request_id.to_owned();
-    let row = transaction(&state.db, move |conn| {
+    let row = repo::new_row(event);
+    let message = outbox::client_event(&row, request_id)?;
+    let row = detached(&state.db, move |conn| {
         Box::pin(async move {
-            let row = repo::insert(conn, &event).await.map_err(unknown_user)?;
-            outbox::append(conn, outbox::client_event(&row, &request_id)?).await?;
+            repo::insert_with_message(conn, &row, &message).await.map_err(unknown_user)?;
             Ok(row)
         })
     })

@@ -1,9 +1,12 @@
 //! SQL for events and stats.
 
-use common::db::models::{EventRow, NewEventRow, UserEventStatsRow};
+use chrono::{SubsecRound, Utc};
+use common::db::models::{EventRow, NewOutboxRow, UserEventStatsRow};
 use common::db::schema::{events, user_event_stats, users};
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
+use diesel::sql_query;
+use diesel::sql_types::{Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -18,18 +21,45 @@ pub struct EventFilter {
     pub event_type: Option<String>,
 }
 
-/// Inserts a pending event.
-pub async fn insert(conn: &mut AsyncPgConnection, event: &ValidEvent) -> Result<EventRow, DieselError> {
-    diesel::insert_into(events::table)
-        .values(NewEventRow {
-            id: Uuid::now_v7(),
-            user_id: event.user_id,
-            event_type: &event.event_type,
-            data: event.data.get(),
-        })
-        .returning(EventRow::as_returning())
-        .get_result(conn)
+/// The event and the outbox row announcing it in one statement: atomic without BEGIN and COMMIT, so
+/// one round trip where a transaction takes four.
+const INSERT_WITH_MESSAGE: &str = "
+WITH event AS (
+    INSERT INTO events (id, user_id, type, data, created_at) VALUES ($1, $2, $3, $4, $5)
+)
+INSERT INTO outbox (event_id, user_id, event_type, payload, request_id) VALUES ($1, $2, $3, $6, $7)";
+
+/// A new pending event as it will be stored. Its `created_at` is taken here (at the precision
+/// PostgreSQL keeps), so that the outbox message can be built before the insert.
+pub fn new_row(event: ValidEvent) -> EventRow {
+    EventRow {
+        id: Uuid::now_v7(),
+        user_id: event.user_id,
+        event_type: event.event_type,
+        data: event.data.get().to_owned(),
+        status: "pending".to_owned(),
+        created_at: Utc::now().trunc_subsecs(6),
+        processed_at: None,
+    }
+}
+
+/// Inserts the event and its outbox row (see [`INSERT_WITH_MESSAGE`]).
+pub async fn insert_with_message(
+    conn: &mut AsyncPgConnection,
+    row: &EventRow,
+    message: &NewOutboxRow,
+) -> Result<(), DieselError> {
+    sql_query(INSERT_WITH_MESSAGE)
+        .bind::<SqlUuid, _>(row.id)
+        .bind::<SqlUuid, _>(row.user_id)
+        .bind::<Text, _>(&row.event_type)
+        .bind::<Text, _>(&row.data)
+        .bind::<Timestamptz, _>(row.created_at)
+        .bind::<Text, _>(&message.payload)
+        .bind::<Nullable<Text>, _>(message.request_id.as_deref())
+        .execute(conn)
         .await
+        .map(drop)
 }
 
 /// The event with this id, if any.

@@ -66,24 +66,11 @@ pub struct EventRow {
     pub data: String,
     /// `pending`, `processed` or `failed`.
     pub status: String,
-    /// Set by the database on insert.
+    /// When the api accepted the event (its clock, so that the outbox message can be built before
+    /// the insert).
     pub created_at: DateTime<Utc>,
     /// Set by the worker when it applied the event.
     pub processed_at: Option<DateTime<Utc>>,
-}
-
-/// A new `events` row.
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = crate::db::schema::events)]
-pub struct NewEventRow<'a> {
-    /// New primary key.
-    pub id: Uuid,
-    /// Owner.
-    pub user_id: Uuid,
-    /// Validated type.
-    pub event_type: &'a str,
-    /// Validated JSON text.
-    pub data: &'a str,
 }
 
 /// A new `outbox` row: one Kafka message to publish.

@@ -54,16 +54,17 @@ async fn a_worker_killed_mid_stream_and_restarted_processes_every_event_exactly_
         users.push(stack.create_user().await);
     }
     let mut worker = stack.spawn_worker_process();
-    let expected = post_stream(&stack, &users, 150).await;
-    let total: i64 = expected.values().sum();
-    // Kill it in the middle: some events processed, some not.
-    testkit::eventually("the worker to be part-way through", Duration::from_secs(60), || async {
-        let pending = stack.pending_events().await;
-        (pending > 0 && pending < total).then_some(())
-    })
-    .await;
-    worker.start_kill().unwrap();
-    worker.wait().await.unwrap();
+    // Kill it in the middle, while events are still being posted: some processed, some not. (Waiting
+    // for the stream to end first let a worker that keeps up finish everything before the kill.)
+    let kill_once_some_are_processed = async {
+        testkit::eventually("the worker to process some events", Duration::from_secs(60), || async {
+            (stack.processed_events().await > 0).then_some(())
+        })
+        .await;
+        worker.start_kill().unwrap();
+        worker.wait().await.unwrap();
+    };
+    let (expected, ()) = tokio::join!(post_stream(&stack, &users, 150), kill_once_some_are_processed);
     let pending_at_kill = stack.pending_events().await;
     assert!(pending_at_kill > 0, "the kill came too late to test anything");
 

@@ -211,6 +211,11 @@ impl Stack {
         self.count("SELECT count(*) AS count FROM events WHERE status = 'pending'").await
     }
 
+    /// Client events the worker has applied.
+    pub async fn processed_events(&self) -> i64 {
+        self.count("SELECT count(*) AS count FROM events WHERE status = 'processed'").await
+    }
+
     /// Waits until every event is processed (or failed) and the outbox is empty.
     pub async fn wait_until_drained(&self, timeout: Duration) {
         testkit::eventually("every event processed and the outbox drained", timeout, || async {
