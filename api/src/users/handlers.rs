@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::{repo, validate};
 use crate::cache::Lookup;
-use crate::db::{is_unique_violation, transaction};
+use crate::db::{detached, is_unique_violation, transaction};
 use crate::http::error::ApiError;
 use crate::http::query::{Cursor, Pagination};
 use crate::http::response::{self, HttpResponse};
@@ -20,14 +20,13 @@ use crate::outbox;
 use crate::pages;
 use crate::state::AppState;
 
-/// `POST /api/v1/users`: the user and its `user_created` event in one transaction.
+/// `POST /api/v1/users`: the user and its `user_created` event in one statement.
 pub async fn create(state: &AppState, request_id: &str, request: CreateUserRequest) -> Result<HttpResponse, ApiError> {
-    let user = validate::new_user(request)?;
-    let request_id = request_id.to_owned();
-    let row = transaction(&state.db, move |conn| {
+    let row = repo::new_row(validate::new_user(request)?);
+    let message = outbox::lifecycle_event(lifecycle::USER_CREATED, &row, request_id)?;
+    let row = detached(&state.db, move |conn| {
         Box::pin(async move {
-            let row = repo::insert(conn, &user).await.map_err(email_conflict)?;
-            outbox::append(conn, outbox::lifecycle_event(lifecycle::USER_CREATED, &row, &request_id)?).await?;
+            repo::insert_with_message(conn, &row, &message).await.map_err(email_conflict)?;
             Ok(row)
         })
     })

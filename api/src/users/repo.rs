@@ -1,9 +1,12 @@
 //! SQL for the users resource. Every write is one statement: no read-modify-write in the service.
 
-use common::db::models::{NewUserRow, UserChangeset, UserRow};
+use chrono::{SubsecRound, Utc};
+use common::db::models::{NewOutboxRow, UserChangeset, UserRow};
 use common::db::schema::users;
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
+use diesel::sql_query;
+use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -14,18 +17,50 @@ use crate::pages;
 /// Name of the unique index on `lower(email)`, as PostgreSQL reports it in a violation.
 pub const EMAIL_UNIQUE_INDEX: &str = "users_email_lower_key";
 
-/// Inserts a user; the database sets the timestamps.
-pub async fn insert(conn: &mut AsyncPgConnection, user: &ValidUser) -> Result<UserRow, DieselError> {
-    diesel::insert_into(users::table)
-        .values(NewUserRow {
-            id: Uuid::now_v7(),
-            email: &user.email,
-            first_name: &user.first_name,
-            last_name: &user.last_name,
-        })
-        .returning(UserRow::as_returning())
-        .get_result(conn)
+/// The user and the outbox row announcing it in one statement: atomic without BEGIN and COMMIT, so
+/// one round trip where a transaction takes four.
+const INSERT_WITH_MESSAGE: &str = "
+WITH created AS (
+    INSERT INTO users (id, email, first_name, last_name, version, created_at, updated_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $6)
+)
+INSERT INTO outbox (event_id, user_id, event_type, payload, request_id) VALUES ($7, $1, $8, $9, $10)";
+
+/// A new user as it will be stored. Its timestamps are taken here (at the precision PostgreSQL
+/// keeps), so that the outbox message can be built before the insert.
+pub fn new_row(user: ValidUser) -> UserRow {
+    let now = Utc::now().trunc_subsecs(6);
+    UserRow {
+        id: Uuid::now_v7(),
+        email: user.email,
+        first_name: user.first_name,
+        last_name: user.last_name,
+        version: 1,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+/// Inserts the user and its `user_created` outbox row (see [`INSERT_WITH_MESSAGE`]).
+pub async fn insert_with_message(
+    conn: &mut AsyncPgConnection,
+    row: &UserRow,
+    message: &NewOutboxRow,
+) -> Result<(), DieselError> {
+    sql_query(INSERT_WITH_MESSAGE)
+        .bind::<SqlUuid, _>(row.id)
+        .bind::<Text, _>(&row.email)
+        .bind::<Text, _>(&row.first_name)
+        .bind::<Text, _>(&row.last_name)
+        .bind::<BigInt, _>(row.version)
+        .bind::<Timestamptz, _>(row.created_at)
+        .bind::<SqlUuid, _>(message.event_id)
+        .bind::<Text, _>(&message.event_type)
+        .bind::<Text, _>(&message.payload)
+        .bind::<Nullable<Text>, _>(message.request_id.as_deref())
+        .execute(conn)
         .await
+        .map(drop)
 }
 
 /// The user with this id, if any.

@@ -20,24 +20,11 @@ pub struct UserRow {
     pub last_name: String,
     /// Bumped by every update; orders cache entries so a stale fill never overwrites a newer state.
     pub version: i64,
-    /// Set by the database on insert.
+    /// When the api created the user (its clock, so that the outbox message can be built before the
+    /// insert).
     pub created_at: DateTime<Utc>,
-    /// Set by the database on insert and on every update.
+    /// `created_at` at first; set by the database on every update.
     pub updated_at: DateTime<Utc>,
-}
-
-/// The columns a client provides when creating a user (already validated).
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = users)]
-pub struct NewUserRow<'a> {
-    /// New primary key.
-    pub id: Uuid,
-    /// Validated email.
-    pub email: &'a str,
-    /// Validated given name.
-    pub first_name: &'a str,
-    /// Validated family name.
-    pub last_name: &'a str,
 }
 
 /// A partial update: `None` leaves the column as it is.
