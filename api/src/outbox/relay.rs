@@ -6,8 +6,8 @@
 //! [`STANDBY_POLL`]. Writes on this replica wake the relay at once; rows written by other replicas
 //! are found within `OUTBOX_POLL_INTERVAL_MS`. Up to [`MAX_BATCHES_IN_FLIGHT`] batches await their
 //! acknowledgements at once, and rows committed meanwhile are sent while there is room, so Kafka's
-//! acknowledgement latency is not paid once per batch. When Kafka is slow or down the rows simply stay in the outbox and are
-//! retried with backoff; requests never wait for Kafka.
+//! acknowledgement latency is not paid once per batch. When Kafka is slow or down the rows simply
+//! stay in the outbox and are retried with backoff; requests never wait for Kafka.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -30,9 +30,10 @@ const LEADER_LOCK_KEY: i64 = 0x0068_6c6d_736f_7574;
 /// How often a standby replica tries to become the publisher.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
 
-/// Batches sent before the oldest one's acknowledgements are awaited. Kafka acknowledges a batch in
-/// tens of milliseconds (acks=all); waiting for each before sending the next put that much delay on
-/// every event (measured: p50 ≈ 85 ms from commit to processed at 600 events/s with one batch in flight).
+/// Batches that may await their acknowledgements at once (beyond, new rows wait for the oldest).
+/// Kafka acknowledges a batch in tens of milliseconds (acks=all); waiting for each before sending the
+/// next put that much delay on every event (measured: p50 ≈ 85 ms from commit to processed at
+/// 600 events/s with one batch in flight).
 const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
 /// Longest pause between retries while Kafka or PostgreSQL fail.
