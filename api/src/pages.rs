@@ -1,9 +1,13 @@
 //! What the list endpoints share: exact totals from the trigger-kept `row_counts` (so no page counts a
-//! whole table), keyset positions, and telling from one extra row whether a next page exists.
+//! whole table), keyset positions, a page's LIMIT/OFFSET, and telling from one extra row whether a next
+//! page exists.
 
 use common::db::schema::row_counts;
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::result::Error as DieselError;
+use diesel::sql_types::BigInt;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use crate::http::query::{Cursor, Pagination};
@@ -19,9 +23,50 @@ pub async fn total(conn: &AsyncPgConnection, table: &str) -> Result<i64, DieselE
     Ok(shards.iter().sum())
 }
 
-/// Rows to fetch for a page: one more than it shows, to know whether another page follows.
-pub fn rows_to_fetch(page: Pagination) -> i64 {
-    i64::from(page.limit) + 1
+/// `query` (ordered, not yet limited) cut to `page`: one row more than the page shows, to know whether
+/// another page follows, after skipping the rows of earlier pages unless it starts at a cursor.
+pub fn paged<Q>(query: Q, page: Pagination) -> Paged<Q> {
+    let offset = if page.after.is_some() { 0 } else { page.offset() };
+    Paged { query, rows: page.limit + 1, offset }
+}
+
+/// A page query: `query LIMIT <rows> [OFFSET $n]`, the row count written into the SQL text.
+///
+/// Why not diesel's `.limit()`: it binds the limit, and with `LIMIT $n` PostgreSQL's generic plan
+/// must assume a tenth of the table is wanted, so it never looks cheaper than a plan made for the
+/// bound values and every execution of the prepared statement is planned again (pgbench, page and
+/// total pipelined: ~20k/s with both bound against ~35k/s with literals). With the limit in the text,
+/// each page size is its own prepared statement (at most `MAX_LIMIT` per connection) whose cached
+/// plan serves every call. The offset stays a parameter, left out for the first page and for pages
+/// that start at a cursor.
+#[derive(Debug, Clone, Copy)]
+pub struct Paged<Q> {
+    query: Q,
+    rows: u32,
+    offset: i64,
+}
+
+impl<Q: Query> Query for Paged<Q> {
+    type SqlType = Q::SqlType;
+}
+
+impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for Paged<Q> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.query.walk_ast(out.reborrow())?;
+        out.push_sql(" LIMIT ");
+        out.push_sql(&self.rows.to_string());
+        if self.offset > 0 {
+            out.push_sql(" OFFSET ");
+            out.push_bind_param::<BigInt, _>(&self.offset)?;
+        }
+        Ok(())
+    }
+}
+
+impl<Q> QueryId for Paged<Q> {
+    // The SQL text varies with the page size: statements are cached by their text.
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
 }
 
 /// Cuts the extra row off and returns the page with the cursor of the next one, if there is one.
@@ -33,4 +78,33 @@ pub fn split<R>(mut rows: Vec<R>, page: Pagination, cursor_of: impl Fn(&R) -> Cu
     rows.truncate(limit);
     let next = rows.last().map(|row| cursor_of(row).encode());
     (rows, next)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use common::db::schema::users;
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn sql_of(page: Pagination) -> String {
+        let query = users::table.select(users::id).order(users::created_at.desc());
+        diesel::debug_query::<Pg, _>(&paged(query, page)).to_string()
+    }
+
+    #[test]
+    fn the_row_count_is_written_into_the_sql_and_only_later_pages_bind_an_offset() {
+        let first = sql_of(Pagination { page: Some(1), after: None, limit: 10 });
+        assert!(first.contains(" LIMIT 11 --"), "{first}");
+        assert!(!first.contains("OFFSET"), "{first}");
+
+        let third = sql_of(Pagination { page: Some(3), after: None, limit: 25 });
+        assert!(third.contains(" LIMIT 26 OFFSET $1 -- binds: [50]"), "{third}");
+
+        let cursor = Cursor { created_at: Utc::now(), id: Uuid::nil() };
+        let after = sql_of(Pagination { page: None, after: Some(cursor), limit: 100 });
+        assert!(after.contains(" LIMIT 101 --"), "{after}");
+        assert!(!after.contains("OFFSET"), "{after}");
+    }
 }

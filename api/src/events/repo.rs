@@ -84,18 +84,14 @@ pub async fn list(
         }
         query
     };
-    let mut query = filtered()
-        .select(EventRow::as_select())
-        .order((events::created_at.desc(), events::id.desc()))
-        .limit(pages::rows_to_fetch(page));
-    query = match page.after {
+    let mut query = filtered().select(EventRow::as_select()).order((events::created_at.desc(), events::id.desc()));
+    if let Some(cursor) = page.after {
         // Spelled as in the users list: the index condition starts the walk at the cursor.
-        Some(cursor) => query
+        query = query
             .filter(events::created_at.le(cursor.created_at))
-            .filter(events::created_at.lt(cursor.created_at).or(events::id.lt(cursor.id))),
-        None => query.offset(page.offset()),
-    };
-    let rows = query.load(conn).await?;
+            .filter(events::created_at.lt(cursor.created_at).or(events::id.lt(cursor.id)));
+    }
+    let rows = pages::paged(query, page).load(conn).await?;
     let total = if filter.user_id.is_none() && filter.event_type.is_none() {
         pages::total(conn, "events").await?
     } else {

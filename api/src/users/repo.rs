@@ -98,24 +98,20 @@ pub async fn delete(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<Use
 /// pipelined on the connection, and both queries have a fixed shape, so they are prepared once per
 /// connection.
 pub async fn list(conn: &AsyncPgConnection, page: Pagination) -> Result<(Vec<UserRow>, i64), DieselError> {
-    let newest_first = users::table
-        .select(UserRow::as_select())
-        .order((users::created_at.desc(), users::id.desc()))
-        .limit(pages::rows_to_fetch(page));
+    let newest_first = users::table.select(UserRow::as_select()).order((users::created_at.desc(), users::id.desc()));
     let rows = async {
         let mut conn = conn;
         match page.after {
-            None => newest_first.offset(page.offset()).load(&mut conn).await,
+            None => pages::paged(newest_first, page).load(&mut conn).await,
             // `(created_at, id) < cursor`, spelled with a fixed shape (a row comparison would need
             // a raw SQL fragment, which diesel cannot cache) and so that the index condition is
             // `created_at <= …`: the walk starts at the cursor (rows sharing the cursor's microsecond
             // are filtered, not skipped by the index).
             Some(cursor) => {
-                newest_first
+                let after_cursor = newest_first
                     .filter(users::created_at.le(cursor.created_at))
-                    .filter(users::created_at.lt(cursor.created_at).or(users::id.lt(cursor.id)))
-                    .load(&mut conn)
-                    .await
+                    .filter(users::created_at.lt(cursor.created_at).or(users::id.lt(cursor.id)));
+                pages::paged(after_cursor, page).load(&mut conn).await
             }
         }
     };
