@@ -8,11 +8,12 @@
 
 use std::collections::HashSet;
 
+use common::db::prepared::{Bind, Prepared};
 use common::kafka::{EventMessage, lifecycle};
 use common::pool::DbPool;
+use diesel::QueryableByName;
 use diesel::result::Error as DieselError;
-use diesel::sql_types::{Array, Uuid as SqlUuid};
-use diesel::{QueryableByName, sql_query};
+use diesel::sql_types::Uuid as SqlUuid;
 use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
@@ -75,8 +76,7 @@ pub async fn apply(pool: &DbPool, events: &[&EventMessage]) -> Result<Vec<Applie
     let claimed: HashSet<Uuid> = if client_events.is_empty() {
         HashSet::new()
     } else {
-        sql_query(CLAIM_AND_COUNT)
-            .bind::<Array<SqlUuid>, _>(&client_events)
+        Prepared::new(CLAIM_AND_COUNT, vec![Bind::Uuids(&client_events)])
             .load::<Claimed>(&mut conn)
             .await
             .map_err(classify)?
@@ -87,8 +87,7 @@ pub async fn apply(pool: &DbPool, events: &[&EventMessage]) -> Result<Vec<Applie
     let deleted_users: Vec<Uuid> =
         events.iter().filter(|event| event.event_type == lifecycle::USER_DELETED).map(|event| event.user_id).collect();
     if !deleted_users.is_empty() {
-        sql_query("DELETE FROM user_event_stats WHERE user_id = ANY($1)")
-            .bind::<Array<SqlUuid>, _>(&deleted_users)
+        Prepared::new("DELETE FROM user_event_stats WHERE user_id = ANY($1)", vec![Bind::Uuids(&deleted_users)])
             .execute(&mut conn)
             .await
             .map_err(classify)?;
@@ -110,11 +109,13 @@ pub async fn apply(pool: &DbPool, events: &[&EventMessage]) -> Result<Vec<Applie
 /// Marks a dead-lettered client event `failed` (no-op for lifecycle events and processed ones).
 pub async fn mark_failed(pool: &DbPool, event_id: Uuid) -> Result<(), EffectError> {
     let mut conn = pool.get().await.map_err(|err| EffectError::Unavailable(err.to_string()))?;
-    sql_query("UPDATE events SET status = 'failed' WHERE id = $1 AND status = 'pending'")
-        .bind::<SqlUuid, _>(event_id)
-        .execute(&mut conn)
-        .await
-        .map_err(classify)?;
+    Prepared::new(
+        "UPDATE events SET status = 'failed' WHERE id = $1 AND status = 'pending'",
+        vec![Bind::Uuid(event_id)],
+    )
+    .execute(&mut conn)
+    .await
+    .map_err(classify)?;
     Ok(())
 }
 

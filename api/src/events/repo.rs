@@ -2,11 +2,10 @@
 
 use chrono::{SubsecRound, Utc};
 use common::db::models::{EventRow, NewOutboxRow, UserEventStatsRow};
+use common::db::prepared::{Bind, Prepared};
 use common::db::schema::{events, user_event_stats, users};
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
-use diesel::sql_query;
-use diesel::sql_types::{Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -27,7 +26,7 @@ const INSERT_WITH_MESSAGE: &str = "
 WITH event AS (
     INSERT INTO events (id, user_id, type, data, created_at) VALUES ($1, $2, $3, $4, $5)
 )
-INSERT INTO outbox (event_id, user_id, event_type, payload, request_id) VALUES ($1, $2, $3, $6, $7)";
+INSERT INTO outbox (event_id, user_id, event_type, payload, request_id) VALUES ($6, $7, $8, $9, $10)";
 
 /// A new pending event as it will be stored. Its `created_at` is taken here (at the precision
 /// PostgreSQL keeps), so that the outbox message can be built before the insert.
@@ -49,17 +48,19 @@ pub async fn insert_with_message(
     row: &EventRow,
     message: &NewOutboxRow,
 ) -> Result<(), DieselError> {
-    sql_query(INSERT_WITH_MESSAGE)
-        .bind::<SqlUuid, _>(row.id)
-        .bind::<SqlUuid, _>(row.user_id)
-        .bind::<Text, _>(&row.event_type)
-        .bind::<Text, _>(&row.data)
-        .bind::<Timestamptz, _>(row.created_at)
-        .bind::<Text, _>(&message.payload)
-        .bind::<Nullable<Text>, _>(message.request_id.as_deref())
-        .execute(conn)
-        .await
-        .map(drop)
+    let binds = vec![
+        Bind::Uuid(row.id),
+        Bind::Uuid(row.user_id),
+        Bind::Text(&row.event_type),
+        Bind::Text(&row.data),
+        Bind::Timestamp(row.created_at),
+        Bind::Uuid(message.event_id),
+        Bind::Uuid(message.user_id),
+        Bind::Text(&message.event_type),
+        Bind::Text(&message.payload),
+        Bind::OptionalText(message.request_id.as_deref()),
+    ];
+    Prepared::new(INSERT_WITH_MESSAGE, binds).execute(conn).await.map(drop)
 }
 
 /// The event with this id, if any.

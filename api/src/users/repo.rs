@@ -2,11 +2,10 @@
 
 use chrono::{SubsecRound, Utc};
 use common::db::models::{NewOutboxRow, UserChangeset, UserRow};
+use common::db::prepared::{Bind, Prepared};
 use common::db::schema::users;
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
-use diesel::sql_query;
-use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -22,9 +21,9 @@ pub const EMAIL_UNIQUE_INDEX: &str = "users_email_lower_key";
 const INSERT_WITH_MESSAGE: &str = "
 WITH created AS (
     INSERT INTO users (id, email, first_name, last_name, version, created_at, updated_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $6)
+    VALUES ($1, $2, $3, $4, $5, $6, $7)
 )
-INSERT INTO outbox (event_id, user_id, event_type, payload, request_id) VALUES ($7, $1, $8, $9, $10)";
+INSERT INTO outbox (event_id, user_id, event_type, payload, request_id) VALUES ($8, $9, $10, $11, $12)";
 
 /// A new user as it will be stored. Its timestamps are taken here (at the precision PostgreSQL
 /// keeps), so that the outbox message can be built before the insert.
@@ -47,20 +46,21 @@ pub async fn insert_with_message(
     row: &UserRow,
     message: &NewOutboxRow,
 ) -> Result<(), DieselError> {
-    sql_query(INSERT_WITH_MESSAGE)
-        .bind::<SqlUuid, _>(row.id)
-        .bind::<Text, _>(&row.email)
-        .bind::<Text, _>(&row.first_name)
-        .bind::<Text, _>(&row.last_name)
-        .bind::<BigInt, _>(row.version)
-        .bind::<Timestamptz, _>(row.created_at)
-        .bind::<SqlUuid, _>(message.event_id)
-        .bind::<Text, _>(&message.event_type)
-        .bind::<Text, _>(&message.payload)
-        .bind::<Nullable<Text>, _>(message.request_id.as_deref())
-        .execute(conn)
-        .await
-        .map(drop)
+    let binds = vec![
+        Bind::Uuid(row.id),
+        Bind::Text(&row.email),
+        Bind::Text(&row.first_name),
+        Bind::Text(&row.last_name),
+        Bind::BigInt(row.version),
+        Bind::Timestamp(row.created_at),
+        Bind::Timestamp(row.updated_at),
+        Bind::Uuid(message.event_id),
+        Bind::Uuid(message.user_id),
+        Bind::Text(&message.event_type),
+        Bind::Text(&message.payload),
+        Bind::OptionalText(message.request_id.as_deref()),
+    ];
+    Prepared::new(INSERT_WITH_MESSAGE, binds).execute(conn).await.map(drop)
 }
 
 /// The user with this id, if any.
