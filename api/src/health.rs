@@ -65,6 +65,7 @@ async fn check_postgres(state: &AppState) -> Result<(), String> {
 /// `GET /metrics`: Prometheus text. Pool state and the outbox backlog are sampled now.
 pub async fn metrics(state: &AppState) -> HttpResponse {
     state.metrics.sample_pool(&state.db, state.config.database.pool_max_size.get());
+    state.metrics.sample_in_flight(state.config.server.max_inflight_requests, state.in_flight.available_permits());
     let backlog = async {
         let mut conn = state.db.get().await.ok()?;
         diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::BigInt>("(SELECT count(*) FROM outbox)"))

@@ -1,7 +1,6 @@
 //! The api's Prometheus metrics (SPEC §6), labelled by route *template* and status class only, so
 //! label cardinality stays fixed whatever paths clients send.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::metrics::{LATENCY_BUCKETS, register};
@@ -10,6 +9,7 @@ use prometheus::{
 };
 
 use crate::db::DbPool;
+use crate::routes::{Endpoint, Routes};
 
 /// Every metric the api exports.
 pub struct ApiMetrics {
@@ -19,7 +19,7 @@ pub struct ApiMetrics {
     pub http_requests: IntCounterVec,
     /// Request latency by route template and method.
     pub http_duration: HistogramVec,
-    /// Requests being served.
+    /// Requests holding a `MAX_INFLIGHT_REQUESTS` permit (sampled at scrape time).
     pub http_in_flight: IntGauge,
     /// Requests refused with 503 because `MAX_INFLIGHT_REQUESTS` were in flight.
     pub http_rejected: IntCounter,
@@ -36,9 +36,9 @@ pub struct ApiMetrics {
     db_waits: IntCounter,
     db_timeouts: IntCounter,
     db_wait_seconds: prometheus::Counter,
-    /// Label children resolved once per (route template, method): the per-request path then avoids
-    /// the label hashing and lock of `with_label_values`.
-    routes: HashMap<(&'static str, &'static str), RouteMetrics>,
+    /// Label children resolved once per endpoint (route template and method), indexed by
+    /// [`Endpoint`]: the per-request path then avoids the label hashing and lock of `with_label_values`.
+    endpoints: Vec<Option<RouteMetrics>>,
 }
 
 struct RouteMetrics {
@@ -53,7 +53,7 @@ impl ApiMetrics {
         let registry = common::metrics::registry();
         let r = &registry;
         let mut metrics = Self {
-            routes: HashMap::new(),
+            endpoints: Vec::new(),
             http_requests: register(
                 r,
                 IntCounterVec::new(
@@ -73,7 +73,11 @@ impl ApiMetrics {
             ),
             http_in_flight: register(
                 r,
-                IntGauge::new("http_requests_in_flight", "Requests being served").expect("valid"),
+                IntGauge::new(
+                    "http_requests_in_flight",
+                    "Requests holding a MAX_INFLIGHT_REQUESTS permit (probes and scrapes are not counted)",
+                )
+                .expect("valid"),
             ),
             http_rejected: register(
                 r,
@@ -128,21 +132,31 @@ impl ApiMetrics {
             ),
             registry,
         };
-        for (template, methods) in crate::routes::Routes::table() {
-            for method in methods {
-                let requests = ["1xx", "2xx", "3xx", "4xx", "5xx"]
-                    .map(|class| metrics.http_requests.with_label_values(&[template, method, class]));
-                let duration = metrics.http_duration.with_label_values(&[template, method]);
-                metrics.routes.insert((template, method), RouteMetrics { requests, duration });
+        for (endpoint, template, method) in Routes::endpoints() {
+            let requests = ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|class| metrics.http_requests.with_label_values(&[template, method, class]));
+            let duration = metrics.http_duration.with_label_values(&[template, method]);
+            let index = endpoint as usize;
+            if metrics.endpoints.len() <= index {
+                metrics.endpoints.resize_with(index + 1, || None);
             }
+            metrics.endpoints[index] = Some(RouteMetrics { requests, duration });
         }
         metrics
     }
 
-    /// Records one finished request.
-    pub fn observe_request(&self, route: &str, method: &str, status: u16, duration: Duration) {
+    /// Records one finished request: `endpoint` when the route matched, else by route template
+    /// (`"unmatched"` for unknown paths) and method.
+    pub fn observe_request(
+        &self,
+        endpoint: Option<Endpoint>,
+        route: &str,
+        method: &str,
+        status: u16,
+        duration: Duration,
+    ) {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
-        if let Some(resolved) = self.routes.get(&(route, method)) {
+        if let Some(resolved) = endpoint.and_then(|endpoint| self.endpoints.get(endpoint as usize)?.as_ref()) {
             resolved.requests[class].inc();
             resolved.duration.observe(duration.as_secs_f64());
             return;
@@ -151,6 +165,12 @@ impl ApiMetrics {
         let class = ["1xx", "2xx", "3xx", "4xx", "5xx"][class];
         self.http_requests.with_label_values(&[route, method, class]).inc();
         self.http_duration.with_label_values(&[route, method]).observe(duration.as_secs_f64());
+    }
+
+    /// Copies the number of requests holding a permit into the gauge (called at scrape time; an
+    /// increment and a decrement per request were two more contended atomics on every request).
+    pub fn sample_in_flight(&self, max_inflight: usize, available: usize) {
+        self.http_in_flight.set(i64::try_from(max_inflight.saturating_sub(available)).unwrap_or(i64::MAX));
     }
 
     /// Copies the pool's state and counters into the gauges (called at scrape time).
@@ -174,5 +194,32 @@ impl ApiMetrics {
 impl Default for ApiMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_under_their_endpoints_labels_and_unmatched_ones_by_template() {
+        let metrics = ApiMetrics::new();
+        let second = Duration::from_secs(1);
+        metrics.observe_request(Some(Endpoint::GetUser), "/api/v1/users/{id}", "GET", 404, second);
+        metrics.observe_request(Some(Endpoint::CreateUser), "/api/v1/users", "POST", 201, second);
+        metrics.observe_request(None, "unmatched", "GET", 404, second);
+        let count = |labels: &[&str]| metrics.http_requests.with_label_values(labels).get();
+        assert_eq!(count(&["/api/v1/users/{id}", "GET", "4xx"]), 1);
+        assert_eq!(count(&["/api/v1/users/{id}", "GET", "2xx"]), 0);
+        assert_eq!(count(&["/api/v1/users", "POST", "2xx"]), 1);
+        assert_eq!(count(&["unmatched", "GET", "4xx"]), 1);
+        assert_eq!(metrics.http_duration.with_label_values(&["/api/v1/users", "POST"]).get_sample_count(), 1);
+    }
+
+    #[test]
+    fn in_flight_is_the_permits_taken() {
+        let metrics = ApiMetrics::new();
+        metrics.sample_in_flight(1000, 993);
+        assert_eq!(metrics.http_in_flight.get(), 7);
     }
 }

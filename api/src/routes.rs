@@ -115,6 +115,13 @@ impl Routes {
         }
     }
 
+    /// Every endpoint with its path template and method.
+    pub fn endpoints() -> impl Iterator<Item = (Endpoint, &'static str, &'static str)> {
+        TABLE.iter().flat_map(|&(template, methods)| {
+            methods.iter().map(move |&(method, endpoint)| (endpoint, template, method))
+        })
+    }
+
     /// Every path template with its methods, for checking the OpenAPI document against the router.
     pub fn table() -> impl Iterator<Item = (&'static str, Vec<&'static str>)> {
         TABLE.iter().map(|(template, methods)| (*template, methods.iter().map(|(method, _)| *method).collect()))

@@ -31,9 +31,10 @@ pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse
     let request_id = request_id_header.to_str().unwrap_or_default();
     let method = request.method().clone();
     let route = state.routes.lookup(method.as_str(), request.uri().path());
-    let template = match &route {
-        RouteMatch::Found { template, .. } | RouteMatch::MethodNotAllowed { template, .. } => template,
-        RouteMatch::NotFound => "unmatched",
+    let (endpoint, template) = match &route {
+        RouteMatch::Found { endpoint, template, .. } => (Some(*endpoint), *template),
+        RouteMatch::MethodNotAllowed { template, .. } => (None, *template),
+        RouteMatch::NotFound => (None, "unmatched"),
     };
     let span = tracing::info_span!("request", request_id = %request_id, http.method = %method, http.route = template);
     async {
@@ -44,20 +45,17 @@ pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse
             state.metrics.http_rejected.inc();
             Err(ApiError::Overloaded)
         } else {
-            state.metrics.http_in_flight.inc();
             let deadline = state.config.server.request_timeout;
-            let result = match tokio::time::timeout(deadline, dispatch(&state, request_id, route, request)).await {
+            match tokio::time::timeout(deadline, dispatch(&state, request_id, route, request)).await {
                 Ok(result) => result,
                 Err(_) => Err(ApiError::Timeout),
-            };
-            state.metrics.http_in_flight.dec();
-            result
+            }
         };
         drop(permit);
         let mut response = result.unwrap_or_else(|err| err.into_response(request_id));
         response.headers_mut().insert(REQUEST_ID_HEADER, request_id_header.clone());
         let elapsed = started.elapsed();
-        state.metrics.observe_request(template, method.as_str(), response.status().as_u16(), elapsed);
+        state.metrics.observe_request(endpoint, template, method.as_str(), response.status().as_u16(), elapsed);
         tracing::info!(
             http.status = response.status().as_u16(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
@@ -120,7 +118,8 @@ fn request_id<B>(request: &Request<B>) -> HeaderValue {
         .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && id.as_bytes().iter().all(u8::is_ascii_graphic))
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(Uuid::new_v4().to_string()))
+            let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+            HeaderValue::from_str(Uuid::new_v4().hyphenated().encode_lower(&mut text))
                 .expect("a UUID is a valid header value")
         })
 }
