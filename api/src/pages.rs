@@ -36,9 +36,9 @@ pub fn paged<Q>(query: Q, page: Pagination) -> Paged<Q> {
 /// must assume a tenth of the table is wanted, so it never looks cheaper than a plan made for the
 /// bound values and every execution of the prepared statement is planned again (pgbench, page and
 /// total pipelined: ~20k/s with both bound against ~35k/s with literals). With the limit in the text,
-/// each page size is its own prepared statement (at most `MAX_LIMIT` per connection) whose cached
-/// plan serves every call. The offset stays a parameter, left out for the first page and for pages
-/// that start at a cursor.
+/// each page size is its own prepared statement whose cached plan serves every call: at most
+/// `MAX_LIMIT` per list query per connection, kept until the pool retires the connection. The offset
+/// stays a parameter, left out for the first page and for pages that start at a cursor.
 #[derive(Debug, Clone, Copy)]
 pub struct Paged<Q> {
     query: Q,
