@@ -463,6 +463,7 @@ def text_figures(results, ratios, worker):
     return {
         "HEALTH": f"{ratio['health_vs_static']} × static in this run", "CACHED_STATIC": ratio["cached_vs_static"],
         "REDIS_STATIC": ratio["redis_vs_static"], "CACHED_REDIS": ratio["cached_vs_redis"],
+        "CACHED_NEEDED": f"{TARGETS['cached_vs_static'][0] / statistics.median(ratios['redis_vs_static']):.2f}",
         "UNCACHED": ratio["uncached_vs_pgbench"], "REF_PG": ratio["ref_pg_vs_pgbench"],
         "UNCACHED_REF": ratio["uncached_vs_ref_pg"], "LIST": ratio["list_vs_uncached"],
         "PAGE1000": ratio["page1000_vs_page1"], "POST_USER": ratio["post_user_vs_pgbench"],
