@@ -287,7 +287,7 @@ def deep_cursor(stack, rows):
 
 
 def measure_http(stack, args, ids_file, users):
-    seconds, reps = (1, 1) if args.smoke else (8, 5)
+    seconds, reps = (1, 1) if args.smoke else (6, 5)
     ids = str(ids_file)
     # Page 1000 of 10 starts after 9,990 rows; with `page=1000` PostgreSQL would skip them one by one.
     page1000 = deep_cursor(stack, min(9_990, users - 10))
@@ -316,7 +316,7 @@ def measure_http(stack, args, ids_file, users):
              ("uncached_get", "ref_pg_get", "uncached_vs_ref_pg"), ("ref_pg_get", "pgbench_select", "ref_pg_vs_pgbench"),
              ("post_user", "ref_post", "post_user_vs_echo"), ("redis_get", "static", "redis_vs_static")]
     log("warming up (fills the cache for the ids the load uses, warms both servers and PostgreSQL)")
-    warm = 1 if args.smoke else 10
+    warm = 1 if args.smoke else 5
     wrk(stack.url(api, "/"), warm, "get_by_id.lua", (ids, "/api/v1/users/"))
     wrk(stack.url(unc, "/"), warm, "get_by_id.lua", (ids, "/api/v1/users/"))
     wrk(stack.url(ref, "/static"), 1)
@@ -350,7 +350,7 @@ def measure_worker(stack, args, ids_file):
     time.sleep(1)
     idle_rss = memory_kb(stack.pid("worker"), "VmRSS")
     stack.stop_process("worker")
-    seconds = 2 if args.smoke else 15
+    seconds = 2 if args.smoke else 10
     processed = "SELECT count(*), coalesce(extract(epoch FROM max(processed_at) - min(processed_at)), 0) FROM events" \
                 " WHERE type = 'bench' AND status = 'processed' AND created_at > '{}'"
 
