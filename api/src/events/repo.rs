@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::validate::ValidEvent;
 use crate::http::query::Pagination;
+use crate::outbox;
 use crate::pages;
 
 /// Filters of the events list.
@@ -42,24 +43,21 @@ pub fn new_row(event: ValidEvent) -> EventRow {
     }
 }
 
-/// Inserts the event and its outbox row (see [`INSERT_WITH_MESSAGE`]).
+/// Inserts the event and its outbox row (see [`INSERT_WITH_MESSAGE`]; the row's values, then
+/// [`outbox::binds`]).
 pub async fn insert_with_message(
     conn: &mut AsyncPgConnection,
     row: &EventRow,
     message: &NewOutboxRow,
 ) -> Result<(), DieselError> {
-    let binds = vec![
+    let mut binds = vec![
         Bind::Uuid(row.id),
         Bind::Uuid(row.user_id),
         Bind::Text(&row.event_type),
         Bind::Text(&row.data),
         Bind::Timestamp(row.created_at),
-        Bind::Uuid(message.event_id),
-        Bind::Uuid(message.user_id),
-        Bind::Text(&message.event_type),
-        Bind::Text(&message.payload),
-        Bind::OptionalText(message.request_id.as_deref()),
     ];
+    binds.extend(outbox::binds(message));
     Prepared::new(INSERT_WITH_MESSAGE, binds).execute(conn).await.map(drop)
 }
 

@@ -5,6 +5,7 @@
 pub mod relay;
 
 use common::db::models::{EventRow, NewOutboxRow, UserRow};
+use common::db::prepared::Bind;
 use common::db::schema::outbox;
 use common::kafka::EventMessage;
 use common::wire::User;
@@ -17,6 +18,18 @@ use crate::http::error::ApiError;
 pub async fn append(conn: &mut AsyncPgConnection, row: NewOutboxRow) -> Result<(), ApiError> {
     diesel::insert_into(outbox::table).values(row).execute(conn).await?;
     Ok(())
+}
+
+/// The values of an outbox row in the column order `(event_id, user_id, event_type, payload,
+/// request_id)`, for statements that insert the row together with the change it announces.
+pub fn binds(message: &NewOutboxRow) -> [Bind<'_>; 5] {
+    [
+        Bind::Uuid(message.event_id),
+        Bind::Uuid(message.user_id),
+        Bind::Text(&message.event_type),
+        Bind::Text(&message.payload),
+        Bind::OptionalText(message.request_id.as_deref()),
+    ]
 }
 
 /// The outbox row announcing a client event.

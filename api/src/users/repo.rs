@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::validate::{ValidChanges, ValidUser};
 use crate::http::query::Pagination;
+use crate::outbox;
 use crate::pages;
 
 /// Name of the unique index on `lower(email)`, as PostgreSQL reports it in a violation.
@@ -40,13 +41,14 @@ pub fn new_row(user: ValidUser) -> UserRow {
     }
 }
 
-/// Inserts the user and its `user_created` outbox row (see [`INSERT_WITH_MESSAGE`]).
+/// Inserts the user and its `user_created` outbox row (see [`INSERT_WITH_MESSAGE`]; the row's
+/// values, then [`outbox::binds`]).
 pub async fn insert_with_message(
     conn: &mut AsyncPgConnection,
     row: &UserRow,
     message: &NewOutboxRow,
 ) -> Result<(), DieselError> {
-    let binds = vec![
+    let mut binds = vec![
         Bind::Uuid(row.id),
         Bind::Text(&row.email),
         Bind::Text(&row.first_name),
@@ -54,12 +56,8 @@ pub async fn insert_with_message(
         Bind::BigInt(row.version),
         Bind::Timestamp(row.created_at),
         Bind::Timestamp(row.updated_at),
-        Bind::Uuid(message.event_id),
-        Bind::Uuid(message.user_id),
-        Bind::Text(&message.event_type),
-        Bind::Text(&message.payload),
-        Bind::OptionalText(message.request_id.as_deref()),
     ];
+    binds.extend(outbox::binds(message));
     Prepared::new(INSERT_WITH_MESSAGE, binds).execute(conn).await.map(drop)
 }
 
