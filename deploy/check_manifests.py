@@ -7,7 +7,9 @@ Fails (exit 1) when:
 - a probe path is not a route of the binary it probes, a probe or Service port does not resolve to a
   container port, or a container port differs from the port the binary is configured with;
 - a ConfigMap/Secret/compose variable is not one the configuration reads, or a required one is missing;
-- a workload refers to a ConfigMap or Secret that does not exist, or the Ingress to a missing Service.
+- a workload refers to a ConfigMap or Secret that does not exist, or the Ingress to a missing Service;
+- a docker-compose volume is not mounted where its image keeps its data (or an image that keeps data has
+  no volume there), or a health check runs a command its image does not have.
 """
 
 import pathlib
@@ -21,6 +23,23 @@ K8S = ROOT / "k8s"
 # Variables a deployment must set: their defaults only suit a developer machine.
 REQUIRED = ["DB_HOST", "DB_USER", "DB_PASSWORD", "DB_NAME", "REDIS_HOST", "KAFKA_BROKERS", "KAFKA_TOPIC",
             "KAFKA_GROUP_ID", "SERVER_PORT", "WORKER_HTTP_PORT", "LOG_FORMAT"]
+
+# Where each image of docker-compose.yml keeps its data, given the service's environment.
+DATA_DIRS = {
+    "postgres": lambda env: env.get("PGDATA", "/var/lib/postgresql/data"),
+    # apache/kafka: any KAFKA_* variable replaces the stock configuration (log.dirs=/tmp/kraft-combined-logs)
+    # as a whole, and then Kafka's own default applies.
+    "apache/kafka": lambda env: env.get("KAFKA_LOG_DIRS", "/tmp/kafka-logs" if any(
+        k.startswith("KAFKA_") for k in env) else "/tmp/kraft-combined-logs"),
+}
+# The commands each image has for a health check ("sh" for CMD-SHELL). The project's own images are
+# distroless: no shell, no curl, nothing but the binary.
+HEALTH_COMMANDS = {
+    "postgres": {"sh", "pg_isready"},
+    "redis": {"sh", "redis-cli"},
+    "apache/kafka": {"sh", "/opt/kafka/bin/kafka-broker-api-versions.sh"},
+    "highload-microservice/": set(),
+}
 
 errors = []
 
@@ -63,6 +82,36 @@ def load_manifests():
 
 def by_kind(documents, kind):
     return {doc["metadata"]["name"]: (name, doc) for name, doc in documents if doc["kind"] == kind}
+
+
+def image_family(image, table):
+    return next((family for family in table if image.split(":")[0].startswith(family)), None)
+
+
+def check_compose_images(compose):
+    for name, service in compose["services"].items():
+        image = service.get("image", "")
+        environment = service.get("environment", {})
+        family = image_family(image, DATA_DIRS)
+        mounts = {v.split(":")[1] for v in service.get("volumes", []) if ":" in v}
+        if family:
+            data_dir = DATA_DIRS[family](environment)
+            if data_dir not in mounts:
+                fail(f"docker-compose.yml: {name} keeps its data in {data_dir}, where no volume is mounted "
+                     f"(volumes at {sorted(mounts) or 'none'})")
+        elif mounts:
+            fail(f"docker-compose.yml: {name} mounts {sorted(mounts)}, but where {image} keeps data is unknown")
+        test = service.get("healthcheck", {}).get("test")
+        if not test:
+            continue
+        family = image_family(image, HEALTH_COMMANDS)
+        if family is None:
+            fail(f"docker-compose.yml: {name}'s health check: the commands of {image} are unknown")
+            continue
+        kind, *command = test if isinstance(test, list) else ["CMD-SHELL", test]
+        needed = {"sh", command[0].split()[0]} if kind == "CMD-SHELL" else {command[0]}
+        for executable in sorted(needed - HEALTH_COMMANDS[family]):
+            fail(f"docker-compose.yml: {name}'s health check runs {executable}, which {image} does not have")
 
 
 def main():
@@ -146,6 +195,7 @@ def main():
         for key in environment:
             if key not in variables:
                 fail(f"docker-compose.yml: {service_name} sets {key}, which the configuration does not read")
+    check_compose_images(compose)
     example = (ROOT / "env.example").read_text()
     for key in re.findall(r"^([A-Z][A-Z0-9_]+)=", example, re.M):
         if key not in variables:

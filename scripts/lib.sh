@@ -23,19 +23,55 @@ wait_for() {
 
 port_open() { (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; }
 
-# Debian packages the build and these scripts need; installed only when missing.
-ensure_system_packages() {
-  # cmake + zlib/curl headers build rdkafka's bundled librdkafka (SPEC §7).
-  local wanted=(postgresql redis-server cmake pkg-config zlib1g-dev libcurl4-openssl-dev) missing=()
-  for package in "${wanted[@]}"; do
+# A TCP port on 127.0.0.1 that nothing listens on now.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# Installs the Debian packages named that are missing (nothing when all are there).
+ensure_packages() {
+  local package missing=()
+  for package in "$@"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
   done
-  python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
   if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
   fi
+}
+
+# Debian packages the build and these scripts need.
+ensure_system_packages() {
+  # cmake + zlib/curl headers build rdkafka's bundled librdkafka (SPEC §7).
+  ensure_packages postgresql redis-server cmake pkg-config zlib1g-dev libcurl4-openssl-dev
+  python3 -c 'import venv, ensurepip' 2>/dev/null || ensure_packages python3-venv
+}
+
+# buildah builds the Dockerfiles without a daemon (SPEC §7 "Images"); debootstrap makes the base images.
+ensure_buildah() { ensure_packages buildah debootstrap; }
+
+# buildah on the storage every script shares: the default root, so base images and cached layers
+# outlive a run, and the overlay driver, so a layer stores only what it changed (vfs copies the whole
+# tree per layer: several GB per build here).
+bah() { buildah --storage-driver overlay "$@"; }
+
+# Removes what the builds whose logs are given ($@) do not use: working containers (a failed build
+# leaves its own) and untagged images that are not one of those builds' layers (earlier builds' layers,
+# earlier base images). The layers of the given builds stay: they are the cache that makes the next
+# build cheap. (`buildah rmi --prune` would remove them too: they are untagged and, after the last
+# one, childless.)
+prune_images() {
+  local keep id name removed=1
+  keep="$(grep -h -o -E '^--> (Using cache )?[0-9a-f]{11,}' "$@" | grep -o -E '[0-9a-f]{11,}$' | cut -c1-11 | sort -u)"
+  bah rm --all >/dev/null
+  # An image goes only after its children, so repeat until a pass removes nothing.
+  while ((removed)); do
+    removed=0
+    while read -r id name; do
+      if [[ "$name" == "<none>" ]] && ! grep -qx "${id:0:11}" <<<"$keep" && bah rmi "$id" >/dev/null 2>&1; then
+        removed=1
+      fi
+    done < <(bah images --all --noheading --format '{{.ID}} {{.Name}}')
+  done
 }
 
 ensure_postgres() {
@@ -73,10 +109,12 @@ ensure_broker() {
   log "starting tansu (Kafka protocol) on $BROKER_ADDR"
   local tansu
   tansu="$(tansu_bin)"
-  nohup "$tansu" broker \
+  # A session of its own (setsid): a Ctrl-C in the terminal of scripts/up must not reach it, since
+  # memory storage loses every topic and offset when the broker stops.
+  setsid nohup "$tansu" broker \
     --listener-url "tcp://$BROKER_ADDR" --advertised-listener-url "tcp://$BROKER_ADDR" \
-    --storage-engine memory://tansu/ >"$STATE_DIR/tansu.log" 2>&1 &
-  echo $! >"$STATE_DIR/tansu.pid"
+    --storage-engine memory://tansu/ >"$STATE_DIR/tansu-${BROKER_ADDR##*:}.log" 2>&1 &
+  echo $! >"$STATE_DIR/tansu-${BROKER_ADDR##*:}.pid"
   wait_for "tansu on $BROKER_ADDR" "port_open $BROKER_ADDR"
 }
 
