@@ -7,7 +7,8 @@ Fails (exit 1) when:
 - a probe path is not a route of the binary it probes, a probe or Service port does not resolve to a
   container port, or a container port differs from the port the binary is configured with;
 - a ConfigMap/Secret/compose variable is not one the configuration reads, or a required one is missing;
-- a workload refers to a ConfigMap or Secret that does not exist, or the Ingress to a missing Service;
+- a workload refers to a ConfigMap or Secret that does not exist, or the Ingress to a missing Service,
+  or the Ingress publishes other paths than /api/v1/ and /openapi.json;
 - a docker-compose volume is not mounted where its image keeps its data (or an image that keeps data has
   no volume there), or a health check runs a command its image does not have.
 """
@@ -23,6 +24,9 @@ K8S = ROOT / "k8s"
 # Variables a deployment must set: their defaults only suit a developer machine.
 REQUIRED = ["DB_HOST", "DB_USER", "DB_PASSWORD", "DB_NAME", "REDIS_HOST", "KAFKA_BROKERS", "KAFKA_TOPIC",
             "KAFKA_GROUP_ID", "SERVER_PORT", "WORKER_HTTP_PORT", "LOG_FORMAT"]
+
+# What the Ingress may publish (SPEC §8): the API and its document, never /metrics or the detailed /health.
+PUBLIC_PATHS = {("/api/v1/", "Prefix"), ("/openapi.json", "Exact")}
 
 # Where each image of docker-compose.yml keeps its data, given the service's environment.
 DATA_DIRS = {
@@ -185,6 +189,9 @@ def main():
 
     for name, (file, ingress) in by_kind(documents, "Ingress").items():
         for rule in ingress["spec"]["rules"]:
+            published = {(p["path"], p["pathType"]) for p in rule["http"]["paths"]}
+            if published != PUBLIC_PATHS:
+                fail(f"{file}: Ingress {name} publishes {sorted(published)}, not exactly {sorted(PUBLIC_PATHS)}")
             for path in rule["http"]["paths"]:
                 if path["backend"]["service"]["name"] not in services:
                     fail(f"{file}: Ingress {name} routes to missing Service {path['backend']['service']['name']}")

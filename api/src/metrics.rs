@@ -163,6 +163,7 @@ impl ApiMetrics {
         }
         // Unmatched paths and unknown methods: rare, resolved per request.
         let class = ["1xx", "2xx", "3xx", "4xx", "5xx"][class];
+        let method = method_label(method);
         self.http_requests.with_label_values(&[route, method, class]).inc();
         self.http_duration.with_label_values(&[route, method]).observe(duration.as_secs_f64());
     }
@@ -195,6 +196,14 @@ impl Default for ApiMetrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The method as a label value: the standard methods by name, anything else `other`. A client may send
+/// any token as a method; each distinct one would otherwise be a new series (a counter per status class
+/// and a 15-bucket histogram), growing this process's memory and Prometheus without bound.
+fn method_label(method: &str) -> &str {
+    const STANDARD: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+    STANDARD.into_iter().find(|standard| *standard == method).unwrap_or("other")
 }
 
 #[cfg(test)]

@@ -39,6 +39,39 @@ async fn metrics_are_prometheus_text_labelled_by_route_template() {
     assert!(!text.contains(user["id"].as_str().unwrap()), "raw paths must not become labels");
 }
 
+/// Series of the request metrics in a scrape.
+async fn request_series(app: &crate::helpers::TestApp) -> Vec<String> {
+    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|line| {
+            line.starts_with("http_requests_total{") || line.starts_with("http_request_duration_seconds_bucket{")
+        })
+        .map(|line| line.rsplit_once(' ').unwrap().0.to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn made_up_http_methods_are_one_label_value_and_add_no_series() {
+    let app = spawn_app().await;
+    let send = |method: String, path: &'static str| {
+        let request = app.client.request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), app.url(path));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    // One made-up method on an unknown path and on a known one: the `other` series exist from here on.
+    assert_eq!(send("MADEUP".into(), "/nope").await, 404);
+    assert_eq!(send("MADEUP".into(), "/api/v1/users").await, 405);
+    let before = request_series(&app).await;
+    for i in 0..1000 {
+        let path = if i % 2 == 0 { "/nope" } else { "/api/v1/users" };
+        let status = send(format!("M{i}X"), path).await;
+        assert!(status == 404 || status == 405, "method M{i}X on {path}: {status}");
+    }
+    let after = request_series(&app).await;
+    assert_eq!(after.len(), before.len(), "1,000 made-up methods added series: {after:#?}");
+    assert!(after.iter().any(|series| series.contains(r#"method="other""#)), "{after:#?}");
+    assert!(!after.iter().any(|series| series.contains("M1X")), "a made-up method became a label");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn beyond_max_inflight_requests_the_answer_is_503_with_retry_after() {
     let app = spawn_app_with(&[("MAX_INFLIGHT_REQUESTS", "1"), ("REQUEST_TIMEOUT", "5")]).await;
