@@ -4,6 +4,7 @@
 #![expect(clippy::unwrap_used, reason = "test helpers: a panic is how a test reports failure")]
 
 mod cache;
+mod docs;
 mod events;
 mod helpers;
 mod http;
