@@ -9,6 +9,8 @@ Fails (exit 1) when:
 - a ConfigMap/Secret/compose variable is not one the configuration reads, or a required one is missing;
 - a workload refers to a ConfigMap or Secret that does not exist, or the Ingress to a missing Service,
   or the Ingress publishes other paths than /api/v1/ and /openapi.json;
+- the stages before the runtime differ between Dockerfile.api and Dockerfile.worker (they must be one
+  build, so that building either image caches the other's);
 - a docker-compose volume is not mounted where its image keeps its data (or an image that keeps data has
   no volume there), or a health check runs a command its image does not have.
 """
@@ -86,6 +88,13 @@ def load_manifests():
 
 def by_kind(documents, kind):
     return {doc["metadata"]["name"]: (name, doc) for name, doc in documents if doc["kind"] == kind}
+
+
+def build_stages(dockerfile):
+    """The instructions before the runtime stage, without comments and blank lines."""
+    lines = [line for line in (ROOT / dockerfile).read_text().splitlines() if line.strip() and not line.startswith("#")]
+    end = next(i for i, line in enumerate(lines) if line.startswith("FROM ") and line.endswith(" AS runtime"))
+    return lines[:end]
 
 
 def image_family(image, table):
@@ -203,6 +212,8 @@ def main():
             if key not in variables:
                 fail(f"docker-compose.yml: {service_name} sets {key}, which the configuration does not read")
     check_compose_images(compose)
+    if build_stages("Dockerfile.api") != build_stages("Dockerfile.worker"):
+        fail("Dockerfile.api and Dockerfile.worker differ before their runtime stage")
     example = (ROOT / "env.example").read_text()
     for key in re.findall(r"^([A-Z][A-Z0-9_]+)=", example, re.M):
         if key not in variables:

@@ -49,19 +49,31 @@ ensure_system_packages() {
 # buildah builds the Dockerfiles without a daemon (SPEC §7 "Images"); debootstrap makes the base images.
 ensure_buildah() { ensure_packages buildah debootstrap; }
 
-# buildah on the storage every script shares: the default root, so base images and cached layers
-# outlive a run, and the overlay driver, so a layer stores only what it changed (vfs copies the whole
-# tree per layer: several GB per build here).
-bah() { buildah --storage-driver overlay "$@"; }
+# buildah on a storage of this project's own, outside any clone (so base images and cached layers are
+# made once per machine, and pruning never touches another project's images), with the overlay driver:
+# a layer stores only what it changed (vfs copies the whole tree per layer: several GB per build here).
+IMAGES_ROOT="/var/lib/highload-microservice/containers"
+BUILDAH=(buildah --root "$IMAGES_ROOT" --runroot /run/highload-microservice/containers --storage-driver overlay)
+bah() { "${BUILDAH[@]}" "$@"; }
+
+# Holds the image storage for this process and its children, so that two checks (two clones, say)
+# never build, prune or run in it at the same time. The lock goes when the process exits.
+lock_images() {
+  [[ -n "${IMAGES_LOCKED:-}" ]] && return
+  mkdir -p "$(dirname "$IMAGES_ROOT")"
+  exec {images_lock}>"$(dirname "$IMAGES_ROOT")/images.lock"
+  flock "$images_lock"
+  export IMAGES_LOCKED=1
+}
 
 # Removes what the builds whose logs are given ($@) do not use: working containers (a failed build
 # leaves its own) and untagged images that are not one of those builds' layers (earlier builds' layers,
 # earlier base images). The layers of the given builds stay: they are the cache that makes the next
 # build cheap. (`buildah rmi --prune` would remove them too: they are untagged and, after the last
-# one, childless.)
+# one, childless.) Call it with the image storage locked.
 prune_images() {
   local keep id name removed=1
-  keep="$(grep -h -o -E '^--> (Using cache )?[0-9a-f]{11,}' "$@" | grep -o -E '[0-9a-f]{11,}$' | cut -c1-11 | sort -u)"
+  keep="$(cat "$@" 2>/dev/null | grep -o -E '^--> (Using cache )?[0-9a-f]{11,}' | grep -o -E '[0-9a-f]{11,}$' | cut -c1-11 | sort -u)"
   bah rm --all >/dev/null
   # An image goes only after its children, so repeat until a pass removes nothing.
   while ((removed)); do
@@ -73,6 +85,10 @@ prune_images() {
     done < <(bah images --all --noheading --format '{{.ID}} {{.Name}}')
   done
 }
+
+# A database of its own for a check, and its removal (FORCE: connections left by a failed run too).
+create_database() { psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE \"$1\""; }
+drop_database() { psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$1\" WITH (FORCE)"; }
 
 ensure_postgres() {
   if pg_isready -q -h 127.0.0.1 -p 5432; then return; fi
