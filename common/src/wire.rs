@@ -66,12 +66,14 @@ pub type CreateUserRequest = UserFields;
 /// Body of `PUT /api/v1/users/{id}`: any non-empty subset of the fields.
 pub type UpdateUserRequest = UserFields;
 
-/// Body of `GET /api/v1/users`.
+/// Body of a list answer (`GET /api/v1/users`, `GET /api/v1/events`): the page's items under the
+/// resource's name (`Items`, e.g. [`Users`]), then the paging fields every list shares.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct UserPage {
-    /// The page's users, newest first; `[]` when empty.
-    pub users: Vec<User>,
-    /// How many users exist in all.
+pub struct Page<Items> {
+    /// The page's items, newest first; `[]` when empty.
+    #[serde(flatten)]
+    pub items: Items,
+    /// How many items the list has in all (those matching its filters).
     pub total: i64,
     /// The page number asked for (from 1); absent when the page was asked for by `cursor`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,6 +83,16 @@ pub struct UserPage {
     /// Pass as `cursor` for the next page (keyset pagination, fast at any depth); `null` on the last page.
     pub next_cursor: Option<String>,
 }
+
+/// The items of a users page: `{"users": [...]}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Users {
+    /// Newest first.
+    pub users: Vec<User>,
+}
+
+/// Body of `GET /api/v1/users`.
+pub type UserPage = Page<Users>;
 
 /// An event as the API returns it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,21 +147,15 @@ pub struct CreateEventRequest {
     pub data: Option<Box<RawValue>>,
 }
 
-/// Body of `GET /api/v1/events`.
+/// The items of an events page: `{"events": [...]}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EventPage {
-    /// The page's events, newest first; `[]` when empty.
+pub struct Events {
+    /// Newest first.
     pub events: Vec<Event>,
-    /// How many events match the filters in all.
-    pub total: i64,
-    /// The page number asked for (from 1); absent when the page was asked for by `cursor`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub page: Option<u32>,
-    /// The page size asked for.
-    pub limit: u32,
-    /// Pass as `cursor` for the next page (keyset pagination, fast at any depth); `null` on the last page.
-    pub next_cursor: Option<String>,
 }
+
+/// Body of `GET /api/v1/events`.
+pub type EventPage = Page<Events>;
 
 /// Body of `GET /api/v1/users/{id}/stats`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! Handlers of `/api/v1/events` and `/api/v1/users/{id}/stats`.
 
 use common::db::models::EventRow;
-use common::wire::{CreateEventRequest, Event, EventPage, UserStats};
+use common::wire::{CreateEventRequest, Event, EventPage, Events, UserStats};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use http::{HeaderValue, StatusCode, header};
 use uuid::Uuid;
@@ -53,7 +53,10 @@ pub async fn list(state: &AppState, query: Option<&str>) -> Result<HttpResponse,
     drop(conn);
     let (rows, next_cursor) = pages::split(rows, page, |row| Cursor { created_at: row.created_at, id: row.id });
     let events = rows.into_iter().map(to_wire).collect::<Result<Vec<_>, _>>()?;
-    Ok(response::json(StatusCode::OK, &EventPage { events, total, page: page.page, limit: page.limit, next_cursor }))
+    Ok(response::json(
+        StatusCode::OK,
+        &EventPage { items: Events { events }, total, page: page.page, limit: page.limit, next_cursor },
+    ))
 }
 
 /// `GET /api/v1/users/{id}/stats`: what the worker has counted for the user.

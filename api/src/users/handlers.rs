@@ -5,7 +5,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use common::db::models::UserRow;
 use common::kafka::lifecycle;
-use common::wire::{CreateUserRequest, UpdateUserRequest, User, UserPage};
+use common::wire::{CreateUserRequest, UpdateUserRequest, User, UserPage, Users};
 use diesel::result::Error as DieselError;
 use http::{HeaderValue, StatusCode, header};
 use uuid::Uuid;
@@ -106,7 +106,7 @@ pub async fn list(state: &AppState, page: Pagination) -> Result<HttpResponse, Ap
     drop(conn);
     let (rows, next_cursor) = pages::split(rows, page, |row| Cursor { created_at: row.created_at, id: row.id });
     let users = rows.into_iter().map(User::from).collect();
-    let body = UserPage { users, total, page: page.page, limit: page.limit, next_cursor };
+    let body = UserPage { items: Users { users }, total, page: page.page, limit: page.limit, next_cursor };
     Ok(response::json(StatusCode::OK, &body))
 }
 
