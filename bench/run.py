@@ -140,7 +140,9 @@ class Stack:
         self.env = {**os.environ, "DB_HOST": "127.0.0.1", "DB_NAME": self.db, "REDIS_HOST": "127.0.0.1",
                     "REDIS_PORT": str(self.redis_port), "KAFKA_BROKERS": f"127.0.0.1:{self.broker_port}",
                     "KAFKA_SESSION_TIMEOUT_MS": "6000", "LOG_LEVEL": "warn", "SERVER_HOST": "127.0.0.1",
-                    "DB_POOL_MAX_SIZE": "16", "KAFKA_TOPIC_PARTITIONS": "12"}
+                    "DB_POOL_MAX_SIZE": "16", "KAFKA_TOPIC_PARTITIONS": "12",
+                    # Baselines without authentication; what tokens cost is measured against them separately.
+                    "AUTH_MODE": "none"}
         subprocess.run([RELEASE / "api", "migrate"], env=self.env, check=True, stdout=subprocess.DEVNULL)
 
     def start(self, name, command, env=None):

@@ -24,7 +24,8 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 # Variables a deployment must set: their defaults only suit a developer machine.
-REQUIRED = ["DB_HOST", "DB_USER", "DB_PASSWORD", "DB_NAME", "REDIS_HOST", "KAFKA_BROKERS", "KAFKA_TOPIC",
+DEV_ISSUER = "highload-microservice-dev"
+REQUIRED = ["AUTH_ISSUER", "AUTH_AUDIENCE", "DB_HOST", "DB_USER", "DB_PASSWORD", "DB_NAME", "REDIS_HOST", "KAFKA_BROKERS", "KAFKA_TOPIC",
             "KAFKA_GROUP_ID", "SERVER_PORT", "WORKER_HTTP_PORT", "LOG_FORMAT"]
 
 # What the Ingress may publish (SPEC §8): the API and its document, never /metrics or the detailed /health.
@@ -106,7 +107,12 @@ def check_compose_images(compose):
         image = service.get("image", "")
         environment = service.get("environment", {})
         family = image_family(image, DATA_DIRS)
-        mounts = {v.split(":")[1] for v in service.get("volumes", []) if ":" in v}
+        volumes = [v for v in service.get("volumes", []) if ":" in v]
+        # Read-only files from the repository are configuration, not data; they must exist.
+        for volume in volumes:
+            if volume.endswith(":ro") and volume.startswith("./") and not (ROOT / volume.split(":")[0]).exists():
+                fail(f"docker-compose.yml: {name} mounts {volume.split(':')[0]}, which does not exist")
+        mounts = {v.split(":")[1] for v in volumes if not v.endswith(":ro")}
         if family:
             data_dir = DATA_DIRS[family](environment)
             if data_dir not in mounts:
@@ -149,6 +155,13 @@ def main():
     for key in REQUIRED:
         if key not in provided:
             fail(f"required variable {key} is provided by no ConfigMap or Secret")
+    # A cluster trusts a real issuer: never none, never the development issuer whose key is public.
+    if provided.get("AUTH_MODE", "jwt") != "jwt":
+        fail(f"the manifests set AUTH_MODE={provided['AUTH_MODE']}: every /api/v1/ route would be open")
+    if provided.get("AUTH_ISSUER") == DEV_ISSUER or "AUTH_JWKS_FILE" in provided:
+        fail("the manifests trust the development issuer (its key is public in dev/auth/)")
+    if not (provided.get("AUTH_JWKS_URL") or "").startswith("https://"):
+        fail("AUTH_JWKS_URL in the manifests must be an https:// URL")
 
     for name, (file, hpa) in by_kind(documents, "HorizontalPodAutoscaler").items():
         spec = hpa["spec"]

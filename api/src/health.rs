@@ -7,6 +7,7 @@ use diesel_async::RunQueryDsl;
 use http::StatusCode;
 use serde_json::{Value, json};
 
+use crate::auth::Authenticator;
 use crate::http::response::{self, HttpResponse};
 use crate::state::AppState;
 
@@ -19,10 +20,15 @@ pub fn live() -> HttpResponse {
     response::json_bytes(StatusCode::OK, bytes::Bytes::from_static(br#"{"status":"ok"}"#))
 }
 
-/// `GET /health/ready`: PostgreSQL answers and shutdown has not begun.
+/// `GET /health/ready`: PostgreSQL answers, the issuer's keys are loaded (with `AUTH_MODE=jwt`) and
+/// shutdown has not begun.
 pub async fn ready(state: &AppState) -> HttpResponse {
     if state.is_shutting_down() {
         return response::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "shutting_down"}));
+    }
+    if !state.auth.is_ready() {
+        let error = "the issuer's JWK Set is not loaded yet";
+        return response::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "not_ready", "error": error}));
     }
     match check_postgres(state).await {
         Ok(()) => response::json(StatusCode::OK, &json!({"status": "ready"})),
@@ -37,7 +43,8 @@ pub async fn report(state: &AppState) -> HttpResponse {
     let (postgres, redis, kafka) =
         tokio::join!(timed(check_postgres(state)), timed(state.cache.ping()), timed(check_kafka(state)));
     let redis = if state.cache.is_enabled() { redis } else { (json!({"status": "disabled"}), true) };
-    let status = match (postgres.1, redis.1 && kafka.1) {
+    let (auth, jwks) = auth_report(&state.auth);
+    let status = match (postgres.1 && state.auth.is_ready(), redis.1 && kafka.1 && jwks.1) {
         (false, _) => "unhealthy",
         (true, false) => "degraded",
         (true, true) => "healthy",
@@ -48,9 +55,25 @@ pub async fn report(state: &AppState) -> HttpResponse {
         &json!({
             "status": status,
             "timestamp": Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
-            "checks": {"postgres": postgres.0, "redis": redis.0, "kafka": kafka.0},
+            "auth": auth,
+            "checks": {"postgres": postgres.0, "redis": redis.0, "kafka": kafka.0, "jwks": jwks.0},
         }),
     )
+}
+
+/// `"auth"` of the report, and the JWKS check: `up` when loaded and the last refresh worked, `stale`
+/// (degraded: tokens still verify against the last good set) when it failed, `down` before any load.
+fn auth_report(auth: &Authenticator) -> (&'static str, (Value, bool)) {
+    let Authenticator::Jwt(verifier) = auth else {
+        return ("disabled", (json!({"status": "disabled"}), true));
+    };
+    let keys = verifier.keys();
+    let check = match (keys.is_loaded(), keys.last_error()) {
+        (true, None) => (json!({"status": "up"}), true),
+        (true, Some(error)) => (json!({"status": "stale", "error": error}), false),
+        (false, error) => (json!({"status": "down", "error": error.unwrap_or_else(|| "loading".into())}), false),
+    };
+    ("jwt", check)
 }
 
 async fn check_postgres(state: &AppState) -> Result<(), String> {

@@ -8,7 +8,9 @@
 //! - [`db`]: pool, migrations, database error mapping; [`cache`]: the Redis user cache;
 //!   [`pages`]: what the list endpoints share (totals, cursors).
 //! - [`http`]: body/query parsing, responses and the one error type.
+//! - [`auth`]: bearer tokens, the issuer's keys, scopes.
 
+pub mod auth;
 pub mod cache;
 pub mod db;
 pub mod events;
@@ -26,14 +28,15 @@ pub mod users;
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use common::config::Config;
+use common::config::{AuthConfig, Config};
 use tokio::net::TcpListener;
 
 use rdkafka::producer::FutureProducer;
 use tokio::sync::watch;
 
+use crate::auth::Authenticator;
 use crate::cache::UserCache;
-use crate::outbox::relay::{OutboxSignal, Relay};
+use crate::outbox::relay::Relay;
 use crate::routes::Routes;
 use crate::state::AppState;
 
@@ -47,13 +50,15 @@ pub struct App {
 }
 
 impl App {
-    /// Applies migrations (unless `RUN_MIGRATIONS=false`), builds the pools and binds the listener.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    /// Applies migrations (unless `RUN_MIGRATIONS=false`), builds the pools, starts loading the
+    /// issuer's keys and binds the listener.
+    pub async fn build(config: Config, auth: &AuthConfig) -> anyhow::Result<Self> {
         if config.run_migrations {
             db::migrate(&config.database).await?;
         }
         let routes = Routes::new().context("invalid route table")?;
         let metrics = std::sync::Arc::new(metrics::ApiMetrics::new());
+        let auth = Authenticator::start(auth, &metrics)?;
         let cache = UserCache::new(&config.redis, metrics.cache.clone()).context("invalid Redis configuration")?;
         let db = db::pool(&config.database);
         let producer: FutureProducer =
@@ -68,7 +73,7 @@ impl App {
         let listener = TcpListener::bind(config.server.addr)
             .await
             .with_context(|| format!("failed to listen on {}", config.server.addr))?;
-        let state = AppState::new(db, cache, routes, config, producer, OutboxSignal::default(), metrics);
+        let state = AppState::new(db, cache, routes, config, producer, metrics, auth);
         Ok(Self { listener, state })
     }
 

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use api::{App, db};
-use common::config::Config;
+use common::config::{AuthConfig, Config};
 use common::{shutdown, telemetry};
 
 #[tokio::main]
@@ -24,7 +24,10 @@ async fn run() -> anyhow::Result<()> {
     telemetry::init(&config.log)?;
     match std::env::args().nth(1).as_deref() {
         Some("migrate") => db::migrate(&config.database).await,
-        None | Some("serve") => App::build(config).await?.run_until_stopped(shutdown::signal_received()).await,
+        None | Some("serve") => {
+            let auth = AuthConfig::from_env()?;
+            App::build(config, &auth).await?.run_until_stopped(shutdown::signal_received()).await
+        }
         Some(other) => bail!("unknown command {other:?}: expected `serve` (the default) or `migrate`"),
     }
 }

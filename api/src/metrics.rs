@@ -31,6 +31,12 @@ pub struct ApiMetrics {
     pub outbox_published: IntCounter,
     /// Messages Kafka did not acknowledge (retried).
     pub outbox_failed: IntCounter,
+    /// Requests refused by authentication, by reason (`auth_rejections_total`).
+    pub auth_rejections: IntCounterVec,
+    /// JWKS loads by trigger (`schedule`, `unknown_kid`) and result (`ok`, `error`).
+    pub jwks_refreshes: IntCounterVec,
+    /// Usable keys in the loaded JWKS.
+    pub jwks_keys: IntGauge,
     db_connections: IntGaugeVec,
     db_max_connections: IntGauge,
     db_waits: IntCounter,
@@ -107,6 +113,26 @@ impl ApiMetrics {
                 r,
                 IntCounter::new("outbox_publish_failures_total", "Outbox messages Kafka did not acknowledge (retried)")
                     .expect("valid"),
+            ),
+            auth_rejections: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new("auth_rejections_total", "Requests refused by authentication, by reason"),
+                    &["reason"],
+                )
+                .expect("valid"),
+            ),
+            jwks_refreshes: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new("auth_jwks_refreshes_total", "Loads of the issuer's JWK Set by trigger and result"),
+                    &["trigger", "result"],
+                )
+                .expect("valid"),
+            ),
+            jwks_keys: register(
+                r,
+                IntGauge::new("auth_jwks_keys", "Usable signing keys in the loaded JWK Set").expect("valid"),
             ),
             db_connections: register(
                 r,

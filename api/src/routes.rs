@@ -2,6 +2,8 @@
 
 use matchit::Router;
 
+use crate::auth::Scope;
+
 /// Every operation the api serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -33,6 +35,20 @@ pub enum Endpoint {
     CreateEvent,
     /// `GET /api/v1/events/{id}`
     GetEvent,
+}
+
+impl Endpoint {
+    /// The scope a caller's token must grant (SPEC §8); `None`: open to anyone (probes, metrics, the
+    /// OpenAPI document). A new endpoint must decide here: the match has no catch-all.
+    pub const fn scope(self) -> Option<Scope> {
+        match self {
+            Self::HealthLive | Self::HealthReady | Self::Health | Self::Metrics | Self::OpenApi => None,
+            Self::ListUsers | Self::GetUser | Self::UserStats => Some(Scope::UsersRead),
+            Self::CreateUser | Self::UpdateUser | Self::DeleteUser => Some(Scope::UsersWrite),
+            Self::ListEvents | Self::GetEvent => Some(Scope::EventsRead),
+            Self::CreateEvent => Some(Scope::EventsWrite),
+        }
+    }
 }
 
 /// Path template → (method → endpoint).
@@ -175,6 +191,20 @@ mod tests {
         let unrouted: Vec<_> = documented.difference(&routed).collect();
         assert!(undocumented.is_empty(), "routes missing from docs/openapi.json: {undocumented:?}");
         assert!(unrouted.is_empty(), "docs/openapi.json documents routes that do not exist: {unrouted:?}");
+    }
+
+    /// Each operation's `security` in the OpenAPI document names exactly the scope the router demands.
+    #[test]
+    fn openapi_document_names_each_operations_scope() {
+        let document: serde_json::Value = serde_json::from_str(crate::OPENAPI_DOCUMENT).unwrap();
+        for (endpoint, template, method) in Routes::endpoints() {
+            let security = &document["paths"][template][method.to_lowercase()]["security"];
+            let expected = match endpoint.scope() {
+                Some(scope) => serde_json::json!([{"bearer": [scope.as_str()]}]),
+                None => serde_json::json!([]),
+            };
+            assert_eq!(security, &expected, "{method} {template}");
+        }
     }
 
     #[test]

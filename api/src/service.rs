@@ -36,7 +36,13 @@ pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse
         RouteMatch::MethodNotAllowed { template, .. } => (None, *template),
         RouteMatch::NotFound => (None, "unmatched"),
     };
-    let span = tracing::info_span!("request", request_id = %request_id, http.method = %method, http.route = template);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        http.method = %method,
+        http.route = template,
+        client_id = tracing::field::Empty,
+    );
     async {
         // Probes and scrapes are never refused: an overloaded pod is alive, and operators need its metrics.
         let exempt = template.starts_with("/health") || template == "/metrics" || template == "/openapi.json";
@@ -79,6 +85,11 @@ async fn dispatch(
         RouteMatch::NotFound => return Err(ApiError::RouteNotFound),
     };
     let (parts, body) = request.into_parts();
+    if let Some(scope) = endpoint.scope()
+        && let Some(client) = state.auth.authenticate(&parts, scope, &state.metrics.auth_rejections).await?
+    {
+        tracing::Span::current().record("client_id", &*client.id);
+    }
     match endpoint {
         Endpoint::HealthLive => Ok(health::live()),
         Endpoint::HealthReady => Ok(health::ready(state).await),

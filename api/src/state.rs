@@ -8,6 +8,7 @@ use tokio::sync::Semaphore;
 
 use common::config::Config;
 
+use crate::auth::Authenticator;
 use crate::cache::UserCache;
 use crate::db::DbPool;
 use crate::metrics::ApiMetrics;
@@ -34,6 +35,8 @@ pub struct Inner {
     pub outbox_signal: OutboxSignal,
     /// Prometheus metrics.
     pub metrics: Arc<ApiMetrics>,
+    /// Who may call which route.
+    pub auth: Authenticator,
     /// One permit per request that may be in flight (`MAX_INFLIGHT_REQUESTS`).
     pub in_flight: Semaphore,
     shutting_down: AtomicBool,
@@ -47,19 +50,20 @@ impl AppState {
         routes: Routes,
         config: Config,
         producer: rdkafka::producer::FutureProducer,
-        outbox_signal: OutboxSignal,
         metrics: Arc<ApiMetrics>,
+        auth: Authenticator,
     ) -> Self {
         let in_flight = Semaphore::new(config.server.max_inflight_requests);
         Self(Arc::new(Inner {
             metrics,
+            auth,
             in_flight,
             db,
             cache,
             routes,
             config,
             producer,
-            outbox_signal,
+            outbox_signal: OutboxSignal::default(),
             shutting_down: AtomicBool::new(false),
         }))
     }

@@ -31,6 +31,11 @@
 //! - `OUTBOX_BATCH_SIZE` [500], `OUTBOX_POLL_INTERVAL_MS` [100]: the api's outbox relay.
 //! - `WORKER_HTTP_PORT` [8081], `WORKER_CONCURRENCY` [16], `WORKER_MAX_RETRIES` [5],
 //!   `WORKER_RETRY_BACKOFF_MS` [100], `WORKER_MAX_IN_FLIGHT` [4000]: the worker.
+//!
+//! The api alone also reads [`AuthConfig`] (SPEC §8), so the worker never needs an issuer:
+//! - `AUTH_MODE` [jwt|none]; with `jwt`, `AUTH_ISSUER`, `AUTH_AUDIENCE` and one of `AUTH_JWKS_URL`
+//!   (http or https) or `AUTH_JWKS_FILE` are required.
+//! - `AUTH_CLOCK_SKEW` [30]: leeway on `exp` and `nbf`; `AUTH_JWKS_REFRESH` [300]: JWKS refresh period.
 
 use std::fmt::Display;
 use std::net::{IpAddr, SocketAddr};
@@ -321,6 +326,78 @@ impl Config {
     }
 }
 
+/// How the api authenticates its clients (SPEC §8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthConfig {
+    /// `AUTH_MODE=none`: every caller is anonymous (development only; the api warns at start).
+    Disabled,
+    /// `AUTH_MODE=jwt` (the default): OAuth 2.0 bearer tokens in JWT form.
+    Jwt(JwtConfig),
+}
+
+/// Which tokens the api accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtConfig {
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (the token's `aud` may be a string or an array containing it).
+    pub audience: String,
+    /// Where the issuer's public keys are.
+    pub jwks: JwksSource,
+    /// Leeway on `exp` and `nbf`.
+    pub clock_skew: Duration,
+    /// How often the JWKS is fetched again.
+    pub refresh: Duration,
+}
+
+/// Where a JWK Set comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    /// Fetched over HTTP(S).
+    Url(String),
+    /// Read from a file (e.g. a mounted ConfigMap).
+    File(std::path::PathBuf),
+}
+
+impl AuthConfig {
+    /// Reads the `AUTH_*` variables from the environment (after `.env`, which [`Config::from_env`] loads).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the `AUTH_*` variables from any source. A missing required variable is named in the error.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&lookup);
+        match env.optional("AUTH_MODE").as_deref().map(str::trim) {
+            Some("none") => return Ok(Self::Disabled),
+            None | Some("jwt") => {}
+            Some(other) => return Err(env.invalid("AUTH_MODE", format!("{other:?} is not jwt or none"))),
+        }
+        let jwks = match (env.optional("AUTH_JWKS_URL"), env.optional("AUTH_JWKS_FILE")) {
+            (Some(_), Some(_)) => {
+                return Err(env.invalid("AUTH_JWKS_FILE", "set AUTH_JWKS_URL or AUTH_JWKS_FILE, not both".into()));
+            }
+            (Some(url), None) if url.starts_with("https://") || url.starts_with("http://") => JwksSource::Url(url),
+            (Some(url), None) => return Err(env.invalid("AUTH_JWKS_URL", format!("{url:?} is not an http(s) URL"))),
+            (None, Some(path)) => JwksSource::File(path.into()),
+            (None, None) => {
+                return Err(env.invalid("AUTH_JWKS_URL", "required (or AUTH_JWKS_FILE) when AUTH_MODE=jwt".into()));
+            }
+        };
+        let refresh = env.seconds("AUTH_JWKS_REFRESH", 300)?;
+        if refresh.is_zero() {
+            return Err(env.invalid("AUTH_JWKS_REFRESH", "must be at least 1 second".into()));
+        }
+        Ok(Self::Jwt(JwtConfig {
+            issuer: env.required("AUTH_ISSUER", "AUTH_MODE=jwt (the default)")?,
+            audience: env.required("AUTH_AUDIENCE", "AUTH_MODE=jwt (the default)")?,
+            jwks,
+            clock_skew: env.seconds("AUTH_CLOCK_SKEW", 30)?,
+            refresh,
+        }))
+    }
+}
+
 impl DatabaseConfig {
     /// Rejects combinations that each variable alone cannot: TLS modes this build cannot honour.
     fn checked(self, env: &Env<'_>) -> Result<Self, ConfigError> {
@@ -364,6 +441,10 @@ struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
 impl Env<'_> {
     fn optional(&self, name: &str) -> Option<String> {
         (self.0)(name).filter(|value| !value.trim().is_empty())
+    }
+
+    fn required(&self, var: &'static str, when: &str) -> Result<String, ConfigError> {
+        self.optional(var).ok_or_else(|| self.invalid(var, format!("required when {when}")))
     }
 
     fn string(&self, name: &str, default: &str) -> String {
@@ -462,6 +543,33 @@ mod tests {
         assert!(config.redis.password.is_none());
         assert_eq!(config.database.port, 5432);
         assert_eq!(config.redis.cache_ttl, None);
+    }
+
+    fn auth(vars: &[(&str, &str)]) -> Result<AuthConfig, ConfigError> {
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        AuthConfig::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn auth_is_on_by_default_and_names_each_missing_variable() {
+        let full = [
+            ("AUTH_ISSUER", "https://id.example"),
+            ("AUTH_AUDIENCE", "api"),
+            ("AUTH_JWKS_URL", "https://id.example/jwks"),
+        ];
+        let Ok(AuthConfig::Jwt(jwt)) = auth(&full) else { panic!("jwt by default") };
+        assert_eq!(jwt.jwks, JwksSource::Url("https://id.example/jwks".into()));
+        assert_eq!((jwt.clock_skew, jwt.refresh), (Duration::from_secs(30), Duration::from_secs(300)));
+        for missing in ["AUTH_ISSUER", "AUTH_AUDIENCE", "AUTH_JWKS_URL"] {
+            let vars: Vec<_> = full.iter().copied().filter(|(name, _)| *name != missing).collect();
+            assert_eq!(auth(&vars).unwrap_err().var, missing);
+        }
+        let both = [&full[..], &[("AUTH_JWKS_FILE", "/etc/jwks.json")]].concat();
+        assert_eq!(auth(&both).unwrap_err().var, "AUTH_JWKS_FILE");
+        assert_eq!(auth(&[("AUTH_MODE", "None")]).unwrap_err().var, "AUTH_MODE");
+        assert_eq!(auth(&[("AUTH_MODE", "none")]).unwrap(), AuthConfig::Disabled);
+        let ftp = [("AUTH_ISSUER", "i"), ("AUTH_AUDIENCE", "a"), ("AUTH_JWKS_URL", "ftp://x")];
+        assert_eq!(auth(&ftp).unwrap_err().var, "AUTH_JWKS_URL");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Test support shared by the integration tests of `api` and `worker`: where the real services are,
-//! fresh databases, and a private tansu broker reachable through a proxy that can cut the network.
+//! fresh databases, a private tansu broker reachable through a proxy that can cut the network, and a
+//! token issuer with a real JWKS endpoint ([`auth`]).
 
 #![expect(clippy::unwrap_used, reason = "test support: a panic is how a test reports failure")]
 
+pub mod auth;
 mod broker;
 mod postgres;
 mod proxy;
@@ -17,9 +19,11 @@ pub use broker::Broker;
 pub use postgres::PrivatePostgres;
 pub use proxy::FaultProxy;
 
-/// Variables that point an app at the local test services (each overridable from the environment).
+/// Variables that point an app at the local test services (each overridable from the environment)
+/// and make it trust the process's [`auth::shared_issuer`].
 pub fn service_vars() -> HashMap<String, String> {
     let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    let auth = auth::vars(&auth::shared_issuer().server.url);
     [
         ("DB_HOST", env("DB_HOST", "127.0.0.1")),
         ("DB_PORT", env("DB_PORT", "5432")),
@@ -41,6 +45,7 @@ pub fn service_vars() -> HashMap<String, String> {
         ("KAFKA_GROUP_ID", format!("test-{}", unique())),
     ]
     .into_iter()
+    .chain(auth)
     .map(|(name, value)| (name.to_owned(), value))
     .collect()
 }

@@ -5,6 +5,8 @@ use common::wire::{ErrorBody, FieldError};
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
+use crate::auth::Rejection;
+
 /// Everything a handler can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -51,6 +53,9 @@ pub enum ApiError {
     /// The request took longer than `REQUEST_TIMEOUT`.
     #[error("request timed out")]
     Timeout,
+    /// The caller is not authenticated, or not allowed this route (SPEC §8).
+    #[error("{0}")]
+    Auth(#[from] Rejection),
     /// A bug or an unexpected failure; details only go to the log.
     #[error("internal server error")]
     Internal(#[source] anyhow::Error),
@@ -79,6 +84,9 @@ impl ApiError {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) | Self::Timeout | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Auth(Rejection::Unauthorized { .. } | Rejection::InvalidToken { .. }) => StatusCode::UNAUTHORIZED,
+            Self::Auth(Rejection::InsufficientScope(_)) => StatusCode::FORBIDDEN,
+            Self::Auth(Rejection::KeysNotLoaded) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,6 +103,10 @@ impl ApiError {
             Self::Unavailable(_) => "service_unavailable",
             Self::Timeout => "request_timeout",
             Self::Overloaded => "overloaded",
+            Self::Auth(Rejection::Unauthorized { .. }) => "unauthorized",
+            Self::Auth(Rejection::InvalidToken { .. }) => "invalid_token",
+            Self::Auth(Rejection::InsufficientScope(_)) => "insufficient_scope",
+            Self::Auth(Rejection::KeysNotLoaded) => "service_unavailable",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -125,12 +137,29 @@ impl ApiError {
                     headers.insert(header::ALLOW, allow);
                 }
             }
-            Self::Unavailable(_) | Self::Timeout | Self::Overloaded => {
+            Self::Unavailable(_) | Self::Timeout | Self::Overloaded | Self::Auth(Rejection::KeysNotLoaded) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+            }
+            Self::Auth(rejection) => {
+                if let Some(challenge) = challenge(&rejection) {
+                    headers.insert(header::WWW_AUTHENTICATE, challenge);
+                }
             }
             _ => {}
         }
         response
+    }
+}
+
+/// The `WWW-Authenticate` challenge of a rejection (RFC 6750 §3).
+fn challenge(rejection: &Rejection) -> Option<HeaderValue> {
+    match rejection {
+        Rejection::Unauthorized { .. } => Some(HeaderValue::from_static(r#"Bearer realm="highload-microservice""#)),
+        Rejection::InvalidToken { .. } => Some(HeaderValue::from_static(r#"Bearer error="invalid_token""#)),
+        Rejection::InsufficientScope(scope) => {
+            HeaderValue::from_str(&format!(r#"Bearer error="insufficient_scope", scope="{}""#, scope.as_str())).ok()
+        }
+        Rejection::KeysNotLoaded => None,
     }
 }
 

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use api::App;
-use common::config::Config;
+use common::config::{AuthConfig, Config};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -31,12 +31,17 @@ pub async fn spawn_app() -> TestApp {
 
 /// An api with some variables overridden.
 pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
+    spawn_app_from(vars_with(overrides).await).await
+}
+
+/// The test defaults with a fresh database and these overrides.
+async fn vars_with(overrides: &[(&str, &str)]) -> HashMap<String, String> {
     let mut vars = testkit::service_vars();
     vars.insert("DB_NAME".into(), create_database().await);
     for (name, value) in overrides {
         vars.insert((*name).to_owned(), (*value).to_owned());
     }
-    spawn_app_from(vars).await
+    vars
 }
 
 /// Another api process on the same database and Redis prefix (a second replica).
@@ -46,17 +51,40 @@ pub async fn spawn_replica(of: &TestApp) -> TestApp {
     spawn_app_from(vars).await
 }
 
-/// An api built from exactly these variables.
+/// An api built from exactly these variables, once it has loaded its issuer's keys.
 pub async fn spawn_app_from(vars: HashMap<String, String>) -> TestApp {
+    let app = start_app(vars).await;
+    testkit::auth::wait_for_keys(&app.url("")).await;
+    app
+}
+
+/// An api with some variables overridden, without waiting for its issuer's keys.
+pub async fn spawn_app_unready(overrides: &[(&str, &str)]) -> TestApp {
+    start_app(vars_with(overrides).await).await
+}
+
+async fn start_app(vars: HashMap<String, String>) -> TestApp {
     let config = Config::from_lookup(|name| vars.get(name).cloned()).expect("valid test config");
-    let app = App::build(config.clone()).await.expect("app builds");
+    let auth = AuthConfig::from_lookup(|name| vars.get(name).cloned()).expect("valid test auth config");
+    let app = App::build(config.clone(), &auth).await.expect("app builds");
     let address = app.local_addr().expect("bound");
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
     }));
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
+    let client = client_with_token(&testkit::auth::token(testkit::auth::ALL_SCOPES));
     TestApp { address, client, config, vars, stop: Some(stop), handle: Some(handle) }
+}
+
+/// A client that sends `Authorization: Bearer <token>` on every request.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    let headers = testkit::auth::bearer_headers(token);
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).default_headers(headers).build().expect("client")
+}
+
+/// `Authorization: Bearer <token granting every scope>\r\n`, for tests that write HTTP by hand.
+pub fn authorization_line() -> String {
+    format!("Authorization: Bearer {}\r\n", testkit::auth::token(testkit::auth::ALL_SCOPES))
 }
 
 impl TestApp {

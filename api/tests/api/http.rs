@@ -6,7 +6,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{error_code, spawn_app, spawn_app_with, unique_email};
+use crate::helpers::{authorization_line, error_code, spawn_app, spawn_app_with, unique_email};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_route_is_json_404_and_wrong_method_is_405_with_allow() {
@@ -141,8 +141,10 @@ async fn slow_headers_are_cut_off() {
 async fn a_request_that_outlives_the_timeout_gets_503() {
     let app = spawn_app_with(&[("REQUEST_TIMEOUT", "1")]).await;
     let mut stream = TcpStream::connect(app.address).await.unwrap();
-    let head =
-        "POST /api/v1/users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
+    let head = format!(
+        "POST /api/v1/users HTTP/1.1\r\nHost: x\r\n{}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        authorization_line()
+    );
     stream.write_all(head.as_bytes()).await.unwrap();
     // The body never completes.
     let started = Instant::now();

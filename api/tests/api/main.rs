@@ -3,6 +3,7 @@
 
 #![expect(clippy::unwrap_used, reason = "test helpers: a panic is how a test reports failure")]
 
+mod auth;
 mod cache;
 mod docs;
 mod events;

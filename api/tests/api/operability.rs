@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::helpers::{error_code, spawn_app, spawn_app_with, unique_email};
+use crate::helpers::{authorization_line, error_code, spawn_app, spawn_app_with, unique_email};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_are_prometheus_text_labelled_by_route_template() {
@@ -77,8 +77,10 @@ async fn beyond_max_inflight_requests_the_answer_is_503_with_retry_after() {
     let app = spawn_app_with(&[("MAX_INFLIGHT_REQUESTS", "1"), ("REQUEST_TIMEOUT", "5")]).await;
     // Occupy the only slot with a request whose body never completes.
     let mut stream = TcpStream::connect(app.address).await.unwrap();
-    let head =
-        "POST /api/v1/users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{";
+    let head = format!(
+        "POST /api/v1/users HTTP/1.1\r\nHost: x\r\n{}Content-Type: application/json\r\nContent-Length: 50\r\n\r\n{{",
+        authorization_line()
+    );
     stream.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 

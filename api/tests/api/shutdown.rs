@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{spawn_app, unique_email};
+use crate::helpers::{authorization_line, spawn_app, unique_email};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn in_flight_requests_finish_after_shutdown_starts() {
@@ -13,7 +13,8 @@ async fn in_flight_requests_finish_after_shutdown_starts() {
     let body = format!(r#"{{"email":"{}","first_name":"Drain","last_name":"Me"}}"#, unique_email("drain"));
     let mut stream = TcpStream::connect(app.address).await.unwrap();
     let head = format!(
-        "POST /api/v1/users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "POST /api/v1/users HTTP/1.1\r\nHost: x\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        authorization_line(),
         body.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();

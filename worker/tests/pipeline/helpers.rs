@@ -39,12 +39,15 @@ pub struct ApiHandle {
 impl ApiHandle {
     /// Starts a replica on the stack's database and broker.
     pub async fn start(config: Config) -> Self {
-        let app = api::App::build(config).await.unwrap();
+        let vars: HashMap<&str, String> = testkit::auth::vars(&testkit::auth::shared_issuer().server.url).into();
+        let auth = common::config::AuthConfig::from_lookup(|name| vars.get(name).cloned()).unwrap();
+        let app = api::App::build(config, &auth).await.unwrap();
         let address = app.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
         }));
+        testkit::auth::wait_for_keys(&format!("http://{address}")).await;
         Self { address, stop: Some(stop), task }
     }
 
@@ -96,7 +99,11 @@ impl Stack {
         // Topics first, as the worker would: a consumer subscribing to a missing topic gets nothing.
         common::kafka::ensure_topics(&config.kafka).await.unwrap();
         let api = ApiHandle::start(config.clone()).await;
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .default_headers(testkit::auth::all_scopes_headers())
+            .build()
+            .unwrap();
         Self { broker, vars, config, api: api.address, client, primary: Some(api) }
     }
 

@@ -39,7 +39,11 @@ async fn sigterm_under_load_fails_no_accepted_request_and_exits_zero_in_time() {
         let (url, user) = (format!("{base}/api/v1/events"), user.clone());
         load.push(tokio::spawn(async move {
             // A new connection per request: a refused connection was never accepted.
-            let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .default_headers(testkit::auth::all_scopes_headers())
+                .build()
+                .unwrap();
             let mut acknowledged = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let body = serde_json::json!({"user_id": user, "type": "load", "data": 1});
@@ -89,8 +93,11 @@ async fn a_second_signal_exits_at_once() {
     wait_ready(&stack.client, &format!("http://127.0.0.1:{port}/health/ready")).await;
     // A request that never completes keeps the drain waiting.
     let mut stream = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await.unwrap();
-    let head =
-        "POST /api/v1/users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{";
+    let head = format!(
+        "POST /api/v1/users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         Content-Length: 50\r\n\r\n{{",
+        testkit::auth::token(testkit::auth::ALL_SCOPES)
+    );
     stream.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     api.signal("TERM");

@@ -39,7 +39,11 @@ async fn chaos_soak_loses_nothing_and_applies_nothing_twice() {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
     });
     println!("chaos: seed {seed} (CHAOS_SEED={seed} replays it), {seconds} s");
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .default_headers(testkit::auth::all_scopes_headers())
+        .build()
+        .unwrap();
     let mut cluster = Cluster::start(&client).await;
 
     let record = Arc::new(Mutex::new(Record::default()));

@@ -65,7 +65,11 @@ pub async fn run(
     record: Arc<Mutex<Record>>,
     stop: watch::Receiver<bool>,
 ) {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .default_headers(testkit::auth::all_scopes_headers())
+        .build()
+        .unwrap();
     let mut tasks = Vec::new();
     for n in 0..clients {
         let mut client = Client {
