@@ -26,7 +26,7 @@ pub async fn ready(state: &AppState) -> HttpResponse {
     if state.is_shutting_down() {
         return response::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "shutting_down"}));
     }
-    if !state.auth.is_ready() {
+    if !state.clients.auth.is_ready() {
         let error = "the issuer's JWK Set is not loaded yet";
         return response::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "not_ready", "error": error}));
     }
@@ -40,11 +40,19 @@ pub async fn ready(state: &AppState) -> HttpResponse {
 /// Redis or Kafka down is `degraded` (200): requests still work (the cache falls back to PostgreSQL,
 /// the outbox holds events).
 pub async fn report(state: &AppState) -> HttpResponse {
+    let limiter = state.clients.rate_limiter.as_ref();
+    let redis_check = async {
+        match limiter {
+            Some(limiter) if !state.cache.is_enabled() => limiter.ping().await,
+            _ => state.cache.ping().await,
+        }
+    };
     let (postgres, redis, kafka) =
-        tokio::join!(timed(check_postgres(state)), timed(state.cache.ping()), timed(check_kafka(state)));
-    let redis = if state.cache.is_enabled() { redis } else { (json!({"status": "disabled"}), true) };
-    let (auth, jwks) = auth_report(&state.auth);
-    let status = match (postgres.1 && state.auth.is_ready(), redis.1 && kafka.1 && jwks.1) {
+        tokio::join!(timed(check_postgres(state)), timed(redis_check), timed(check_kafka(state)));
+    let redis_used = state.cache.is_enabled() || limiter.is_some();
+    let redis = if redis_used { redis } else { (json!({"status": "disabled"}), true) };
+    let (auth, jwks) = auth_report(&state.clients.auth);
+    let status = match (postgres.1 && state.clients.auth.is_ready(), redis.1 && kafka.1 && jwks.1) {
         (false, _) => "unhealthy",
         (true, false) => "degraded",
         (true, true) => "healthy",

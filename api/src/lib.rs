@@ -6,9 +6,10 @@
 //! - [`metrics`]: Prometheus metrics; [`users`]: the users resource; [`events`]: events and per-user stats; [`health`]: probes.
 //! - [`outbox`]: the transactional outbox and the relay that publishes it to Kafka.
 //! - [`db`]: pool, migrations, database error mapping; [`cache`]: the Redis user cache;
+//!   [`redis_client`]: the one Redis connection the cache and the rate limiter share;
 //!   [`pages`]: what the list endpoints share (totals, cursors).
 //! - [`http`]: body/query parsing, responses and the one error type.
-//! - [`auth`]: bearer tokens, the issuer's keys, scopes.
+//! - [`auth`]: bearer tokens, the issuer's keys, scopes; [`ratelimit`]: per-client limits.
 
 pub mod auth;
 pub mod cache;
@@ -19,6 +20,8 @@ pub mod http;
 pub mod metrics;
 pub mod outbox;
 pub mod pages;
+pub mod ratelimit;
+pub mod redis_client;
 pub mod routes;
 pub mod server;
 pub mod service;
@@ -37,8 +40,10 @@ use tokio::sync::watch;
 use crate::auth::Authenticator;
 use crate::cache::UserCache;
 use crate::outbox::relay::Relay;
+use crate::ratelimit::RateLimiter;
+use crate::redis_client::RedisClient;
 use crate::routes::Routes;
-use crate::state::AppState;
+use crate::state::{AppState, Clients};
 
 /// The OpenAPI 3.1 document of the whole API (`docs/openapi.json`), served at `GET /openapi.json`.
 pub const OPENAPI_DOCUMENT: &str = include_str!("../../docs/openapi.json");
@@ -59,7 +64,9 @@ impl App {
         let routes = Routes::new().context("invalid route table")?;
         let metrics = std::sync::Arc::new(metrics::ApiMetrics::new());
         let auth = Authenticator::start(auth, &metrics)?;
-        let cache = UserCache::new(&config.redis, metrics.cache.clone()).context("invalid Redis configuration")?;
+        let redis = RedisClient::new(&config.redis).context("invalid Redis configuration")?;
+        let cache = UserCache::new(redis.clone(), &config.redis, metrics.cache.clone());
+        let rate_limiter = RateLimiter::new(&config.rate_limit, redis, &config.redis.key_prefix, &metrics);
         let db = db::pool(&config.database);
         let producer: FutureProducer =
             common::kafka::producer_config(&config.kafka).create().context("invalid Kafka producer configuration")?;
@@ -73,7 +80,7 @@ impl App {
         let listener = TcpListener::bind(config.server.addr)
             .await
             .with_context(|| format!("failed to listen on {}", config.server.addr))?;
-        let state = AppState::new(db, cache, routes, config, producer, metrics, auth);
+        let state = AppState::new(db, cache, routes, config, producer, metrics, Clients { auth, rate_limiter });
         Ok(Self { listener, state })
     }
 

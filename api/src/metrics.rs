@@ -37,6 +37,8 @@ pub struct ApiMetrics {
     pub jwks_refreshes: IntCounterVec,
     /// Usable keys in the loaded JWKS.
     pub jwks_keys: IntGauge,
+    /// Rate-limit decisions by decision (`allowed`, `limited`) and source (`shared`, `local`).
+    pub rate_limit_decisions: IntCounterVec,
     db_connections: IntGaugeVec,
     db_max_connections: IntGauge,
     db_waits: IntCounter,
@@ -133,6 +135,17 @@ impl ApiMetrics {
             jwks_keys: register(
                 r,
                 IntGauge::new("auth_jwks_keys", "Usable signing keys in the loaded JWK Set").expect("valid"),
+            ),
+            rate_limit_decisions: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "rate_limit_decisions_total",
+                        "Rate-limited requests by decision and by source (shared in Redis, or local while Redis is away)",
+                    ),
+                    &["decision", "source"],
+                )
+                .expect("valid"),
             ),
             db_connections: register(
                 r,

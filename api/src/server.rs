@@ -28,8 +28,8 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _peer)) => stream,
+                let (stream, peer) = match accepted {
+                    Ok((stream, peer)) => (stream, peer.ip()),
                     Err(err) => {
                         tracing::warn!(error = %err, "accept failed");
                         tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -41,7 +41,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
                 let state = state.clone();
                 let service = service_fn(move |request| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(service::handle(state, request).await) }
+                    async move { Ok::<_, Infallible>(service::handle(state, peer, request).await) }
                 });
                 let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let connection = graceful.watch(connection);

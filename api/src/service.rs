@@ -1,5 +1,6 @@
 //! One request, start to finish: request id, routing, the request deadline, the handler, the log line.
 
+use std::net::IpAddr;
 use std::time::Instant;
 
 use http::{HeaderValue, Request};
@@ -13,6 +14,7 @@ use crate::http::body::read_json;
 use crate::http::error::ApiError;
 use crate::http::query::Pagination;
 use crate::http::response::HttpResponse;
+use crate::ratelimit::client_address::client_address;
 use crate::routes::{Endpoint, RouteMatch};
 use crate::state::AppState;
 use crate::users::handlers as users;
@@ -23,8 +25,8 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Longest client-provided request id kept; a longer or non-printable one is replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// Serves one request. Infallible: every failure becomes a JSON error response.
-pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse {
+/// Serves one request from `peer`. Infallible: every failure becomes a JSON error response.
+pub async fn handle(state: AppState, peer: IpAddr, request: Request<Incoming>) -> HttpResponse {
     let started = Instant::now();
     let request_id_header = request_id(&request);
     // Only visible ASCII gets in (see `request_id`), so the text form always exists.
@@ -52,7 +54,7 @@ pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse
             Err(ApiError::Overloaded)
         } else {
             let deadline = state.config.server.request_timeout;
-            match tokio::time::timeout(deadline, dispatch(&state, request_id, route, request)).await {
+            match tokio::time::timeout(deadline, dispatch(&state, request_id, peer, route, request)).await {
                 Ok(result) => result,
                 Err(_) => Err(ApiError::Timeout),
             }
@@ -76,6 +78,7 @@ pub async fn handle(state: AppState, request: Request<Incoming>) -> HttpResponse
 async fn dispatch(
     state: &AppState,
     request_id: &str,
+    peer: IpAddr,
     route: RouteMatch,
     request: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
@@ -85,11 +88,44 @@ async fn dispatch(
         RouteMatch::NotFound => return Err(ApiError::RouteNotFound),
     };
     let (parts, body) = request.into_parts();
-    if let Some(scope) = endpoint.scope()
-        && let Some(client) = state.auth.authenticate(&parts, scope, &state.metrics.auth_rejections).await?
-    {
+    // Routes without a scope (probes, metrics, the document) are neither authenticated nor limited.
+    let Some(scope) = endpoint.scope() else {
+        return run(state, request_id, endpoint, id, parts, body).await;
+    };
+    let clients = &state.clients;
+    let client = clients.auth.authenticate(&parts, scope, &state.metrics.auth_rejections).await?;
+    if let Some(client) = &client {
         tracing::Span::current().record("client_id", &*client.id);
     }
+    let Some(limiter) = &clients.rate_limiter else {
+        return run(state, request_id, endpoint, id, parts, body).await;
+    };
+    let decision = match &client {
+        Some(client) => limiter.check(&client.id).await,
+        None => {
+            let address = client_address(peer, &parts.headers, &state.config.rate_limit.trusted_proxies);
+            limiter.check(&address.to_string()).await
+        }
+    };
+    let result = if decision.allowed {
+        run(state, request_id, endpoint, id, parts, body).await
+    } else {
+        Err(ApiError::RateLimited(decision.retry_after_secs))
+    };
+    let mut response = result.unwrap_or_else(|err| err.into_response(request_id));
+    decision.write_headers(response.headers_mut());
+    Ok(response)
+}
+
+/// Runs the endpoint's handler.
+async fn run(
+    state: &AppState,
+    request_id: &str,
+    endpoint: Endpoint,
+    id: Option<String>,
+    parts: http::request::Parts,
+    body: Incoming,
+) -> Result<HttpResponse, ApiError> {
     match endpoint {
         Endpoint::HealthLive => Ok(health::live()),
         Endpoint::HealthReady => Ok(health::ready(state).await),

@@ -13,7 +13,16 @@ use crate::cache::UserCache;
 use crate::db::DbPool;
 use crate::metrics::ApiMetrics;
 use crate::outbox::relay::OutboxSignal;
+use crate::ratelimit::RateLimiter;
 use crate::routes::Routes;
+
+/// What the api knows of its callers.
+pub struct Clients {
+    /// Token checks (or none, with `AUTH_MODE=none`).
+    pub auth: Authenticator,
+    /// The per-client limit; `None` when `RATE_LIMIT_RPS=0`.
+    pub rate_limiter: Option<RateLimiter>,
+}
 
 /// Cheap to clone; passed explicitly to every handler.
 #[derive(Clone)]
@@ -35,8 +44,8 @@ pub struct Inner {
     pub outbox_signal: OutboxSignal,
     /// Prometheus metrics.
     pub metrics: Arc<ApiMetrics>,
-    /// Who may call which route.
-    pub auth: Authenticator,
+    /// Who may call which route, and how often.
+    pub clients: Clients,
     /// One permit per request that may be in flight (`MAX_INFLIGHT_REQUESTS`).
     pub in_flight: Semaphore,
     shutting_down: AtomicBool,
@@ -51,12 +60,12 @@ impl AppState {
         config: Config,
         producer: rdkafka::producer::FutureProducer,
         metrics: Arc<ApiMetrics>,
-        auth: Authenticator,
+        clients: Clients,
     ) -> Self {
         let in_flight = Semaphore::new(config.server.max_inflight_requests);
         Self(Arc::new(Inner {
             metrics,
-            auth,
+            clients,
             in_flight,
             db,
             cache,

@@ -31,6 +31,8 @@
 //! - `OUTBOX_BATCH_SIZE` [500], `OUTBOX_POLL_INTERVAL_MS` [100]: the api's outbox relay.
 //! - `WORKER_HTTP_PORT` [8081], `WORKER_CONCURRENCY` [16], `WORKER_MAX_RETRIES` [5],
 //!   `WORKER_RETRY_BACKOFF_MS` [100], `WORKER_MAX_IN_FLIGHT` [4000]: the worker.
+//! - `RATE_LIMIT_RPS` [0 = off], `RATE_LIMIT_BURST` [= RATE_LIMIT_RPS]: the api's per-client limit;
+//!   `TRUSTED_PROXIES` [none]: comma-separated CIDRs whose `X-Forwarded-For` names the client.
 //!
 //! The api alone also reads [`AuthConfig`] (SPEC §8), so the worker never needs an issuer:
 //! - `AUTH_MODE` [jwt|none]; with `jwt`, `AUTH_ISSUER`, `AUTH_AUDIENCE` and one of `AUTH_JWKS_URL`
@@ -74,6 +76,19 @@ pub struct Config {
     pub outbox: OutboxConfig,
     /// The worker.
     pub worker: WorkerConfig,
+    /// The api's per-client rate limit.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// The api's per-client rate limit (SPEC §8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second per client; `None`: no limit.
+    pub rps: Option<NonZeroU32>,
+    /// Requests a client may make at once (the bucket's size).
+    pub burst: NonZeroU32,
+    /// Peers whose `X-Forwarded-For` is believed (load balancers, the ingress controller).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Kafka settings shared by producer and consumer.
@@ -315,6 +330,7 @@ impl Config {
                 batch_size: env.parse("OUTBOX_BATCH_SIZE", NonZeroU32::new(500).expect("non-zero"))?,
                 poll_interval: env.millis("OUTBOX_POLL_INTERVAL_MS", 100)?,
             },
+            rate_limit: RateLimitConfig::from_env(&env)?,
             worker: WorkerConfig {
                 http_port: env.parse("WORKER_HTTP_PORT", 8081)?,
                 concurrency: env.parse("WORKER_CONCURRENCY", NonZeroU32::new(16).expect("non-zero"))?,
@@ -395,6 +411,27 @@ impl AuthConfig {
             clock_skew: env.seconds("AUTH_CLOCK_SKEW", 30)?,
             refresh,
         }))
+    }
+}
+
+impl RateLimitConfig {
+    fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let rps = NonZeroU32::new(env.parse("RATE_LIMIT_RPS", 0)?);
+        let burst = env.parse("RATE_LIMIT_BURST", rps.unwrap_or(NonZeroU32::MIN))?;
+        let trusted_proxies = env
+            .optional("TRUSTED_PROXIES")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|cidr| !cidr.is_empty())
+            .map(|cidr| {
+                // A bare address is a network of one.
+                cidr.parse::<ipnet::IpNet>()
+                    .or_else(|_| cidr.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| env.invalid("TRUSTED_PROXIES", format!("{cidr:?} is not an address or a CIDR")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { rps, burst, trusted_proxies })
     }
 }
 
@@ -530,11 +567,24 @@ mod tests {
             ("KAFKA_TOPIC_PARTITIONS", "0"),
             ("WORKER_CONCURRENCY", "many"),
             ("EVENT_MAX_DATA_BYTES", "64k"),
+            ("RATE_LIMIT_RPS", "-5"),
+            ("RATE_LIMIT_BURST", "0"),
+            ("TRUSTED_PROXIES", "10.0.0.0/8, nonsense"),
         ] {
             let err = config(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);
             assert!(err.to_string().starts_with(&format!("invalid value for {var}:")), "{err}");
         }
+    }
+
+    #[test]
+    fn rate_limit_is_off_by_default_and_the_burst_defaults_to_one_second() {
+        assert_eq!(config(&[]).unwrap().rate_limit.rps, None);
+        let limit =
+            config(&[("RATE_LIMIT_RPS", "50"), ("TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.7,::1")]).unwrap().rate_limit;
+        assert_eq!((limit.rps.map(NonZeroU32::get), limit.burst.get()), (Some(50), 50));
+        let proxies: Vec<String> = limit.trusted_proxies.iter().map(ToString::to_string).collect();
+        assert_eq!(proxies, ["10.0.0.0/8", "192.168.1.7/32", "::1/128"]);
     }
 
     #[test]

@@ -19,22 +19,18 @@
 //! cover without failing writes is a replica cut off from Redis while others still reach it: they may
 //! serve the previous state until the cut-off replica's retry lands.
 
-mod connections;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
 use common::config::RedisConfig;
 use prometheus::IntCounterVec;
-use redis::aio::MultiplexedConnection;
-use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, RedisResult, Script};
+use redis::{RedisResult, Script};
 use uuid::Uuid;
 
-use self::connections::Connection;
+use crate::redis_client::RedisClient;
 
 /// Stores `ARGV[1] | ARGV[2]` with a TTL of `ARGV[3]` ms unless the entry has an equal or newer version.
 const COMPARE_AND_SET: &str = r"
@@ -72,12 +68,9 @@ pub enum Lookup {
 pub struct UserCache(Option<Arc<Inner>>);
 
 struct Inner {
-    pool: bb8::Pool<connections::Manager>,
-    /// See [`Inner::shared_connection`].
-    shared: RwLock<Option<Connection>>,
+    redis: RedisClient,
     key_prefix: String,
     ttl: Duration,
-    timeout: Duration,
     compare_and_set: Script,
     started: Instant,
     /// Milliseconds since `started` before which reads skip Redis.
@@ -93,24 +86,15 @@ struct Inner {
 }
 
 impl UserCache {
-    /// A cache over Redis, or a cache that always misses when `CACHE_TTL` is 0.
-    pub fn new(config: &RedisConfig, operations: IntCounterVec) -> anyhow::Result<Self> {
+    /// A cache over `redis`, or a cache that always misses when `CACHE_TTL` is 0.
+    pub fn new(redis: RedisClient, config: &RedisConfig, operations: IntCounterVec) -> Self {
         let Some(ttl) = config.cache_ttl else {
-            return Ok(Self(None));
+            return Self(None);
         };
-        let manager = connections::Manager(RedisConnectionManager::new(connection_info(config)?)?);
-        let pool = bb8::Pool::builder()
-            .max_size(config.pool_max_size.get())
-            .connection_timeout(config.timeout)
-            // Each checkout test is a PING round trip; a broken connection shows up as an error instead.
-            .test_on_check_out(false)
-            .build_unchecked(manager);
-        Ok(Self(Some(Arc::new(Inner {
-            pool,
-            shared: RwLock::new(None),
+        Self(Some(Arc::new(Inner {
+            redis,
             key_prefix: config.key_prefix.clone(),
             ttl,
-            timeout: config.timeout,
             compare_and_set: Script::new(COMPARE_AND_SET),
             started: Instant::now(),
             reads_paused_until_ms: AtomicU64::new(0),
@@ -118,7 +102,7 @@ impl UserCache {
             pending_writes: Mutex::new(HashSet::new()),
             pending_count: std::sync::atomic::AtomicUsize::new(0),
             operations,
-        }))))
+        })))
     }
 
     /// Looks a user up. Never fails: any problem is a [`Lookup::Miss`].
@@ -130,6 +114,7 @@ impl UserCache {
         }
         let key = inner.key(id);
         let result = inner
+            .redis
             .call(|mut conn| async move { redis::cmd("GET").arg(&key).query_async::<Option<Vec<u8>>>(&mut conn).await })
             .await;
         match result {
@@ -206,46 +191,8 @@ impl UserCache {
 }
 
 impl Inner {
-    /// Runs `operation` on the shared multiplexed connection within the Redis timeout. A failure of
-    /// the connection itself discards it, so the pool dials a new one.
-    async fn call<T, Fut>(&self, operation: impl FnOnce(MultiplexedConnection) -> Fut) -> RedisResult<T>
-    where
-        Fut: Future<Output = RedisResult<T>>,
-    {
-        let connection = self.shared_connection().await?;
-        let result = match tokio::time::timeout(self.timeout, operation(connection.redis.clone())).await {
-            Ok(result) => result,
-            Err(_) => Err(timed_out()),
-        };
-        if let Err(err) = &result
-            && connections::breaks_connection(err)
-        {
-            connection.discard();
-        }
-        result
-    }
-
-    /// The connection every request shares until a call finds it broken; then the next one the pool
-    /// hands out (checking out per call cost a lock and a timer per request, and one multiplexed
-    /// connection pipelines concurrent calls anyway: measured in `bench/run`).
-    async fn shared_connection(&self) -> RedisResult<Connection> {
-        if let Some(connection) = self.shared.read().ok().and_then(|shared| shared.clone())
-            && !connection.is_broken()
-        {
-            return Ok(connection);
-        }
-        let connection = match tokio::time::timeout(self.timeout, self.pool.get()).await {
-            Ok(pooled) => pooled.map_err(pool_error)?.clone(),
-            Err(_) => return Err(timed_out()),
-        };
-        if let Ok(mut shared) = self.shared.write() {
-            *shared = Some(connection.clone());
-        }
-        Ok(connection)
-    }
-
     async fn ping(&self) -> RedisResult<()> {
-        self.call(|mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await }).await
+        self.redis.ping().await
     }
 
     fn count(&self, operation: &str, result: &str) {
@@ -259,17 +206,18 @@ impl Inner {
     async fn compare_and_set(&self, id: Uuid, version: i64, body: &[u8]) -> RedisResult<()> {
         let key = self.key(id);
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
-        self.call(|mut conn| async move {
-            self.compare_and_set
-                .key(&key)
-                .arg(version)
-                .arg(body)
-                .arg(ttl_ms)
-                .invoke_async::<i64>(&mut conn)
-                .await
-                .map(drop)
-        })
-        .await
+        self.redis
+            .call(|mut conn| async move {
+                self.compare_and_set
+                    .key(&key)
+                    .arg(version)
+                    .arg(body)
+                    .arg(ttl_ms)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .map(drop)
+            })
+            .await
     }
 
     fn now_ms(&self) -> u64 {
@@ -345,25 +293,6 @@ fn decode(entry: Bytes) -> Lookup {
     };
     let body = entry.slice(separator + 1..);
     if body.is_empty() { Lookup::Deleted } else { Lookup::Hit(body) }
-}
-
-fn pool_error(err: bb8::RunError<RedisError>) -> RedisError {
-    match err {
-        bb8::RunError::User(err) => err,
-        bb8::RunError::TimedOut => RedisError::from((redis::ErrorKind::Io, "no connection in time")),
-    }
-}
-
-fn timed_out() -> RedisError {
-    RedisError::from((redis::ErrorKind::Io, "timed out"))
-}
-
-fn connection_info(config: &RedisConfig) -> RedisResult<ConnectionInfo> {
-    let mut redis_settings = redis::RedisConnectionInfo::default().set_db(i64::from(config.db));
-    if let Some(password) = &config.password {
-        redis_settings = redis_settings.set_password(password.expose());
-    }
-    Ok(ConnectionAddr::Tcp(config.host.clone(), config.port).into_connection_info()?.set_redis_settings(redis_settings))
 }
 
 #[cfg(test)]

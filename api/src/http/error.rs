@@ -56,6 +56,9 @@ pub enum ApiError {
     /// The caller is not authenticated, or not allowed this route (SPEC §8).
     #[error("{0}")]
     Auth(#[from] Rejection),
+    /// The client is over its rate limit; it may retry after this many seconds.
+    #[error("too many requests; retry after {0} s")]
+    RateLimited(u64),
     /// A bug or an unexpected failure; details only go to the log.
     #[error("internal server error")]
     Internal(#[source] anyhow::Error),
@@ -87,6 +90,7 @@ impl ApiError {
             Self::Auth(Rejection::Unauthorized { .. } | Rejection::InvalidToken { .. }) => StatusCode::UNAUTHORIZED,
             Self::Auth(Rejection::InsufficientScope(_)) => StatusCode::FORBIDDEN,
             Self::Auth(Rejection::KeysNotLoaded) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -107,6 +111,7 @@ impl ApiError {
             Self::Auth(Rejection::InvalidToken { .. }) => "invalid_token",
             Self::Auth(Rejection::InsufficientScope(_)) => "insufficient_scope",
             Self::Auth(Rejection::KeysNotLoaded) => "service_unavailable",
+            Self::RateLimited(_) => "rate_limited",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -139,6 +144,9 @@ impl ApiError {
             }
             Self::Unavailable(_) | Self::Timeout | Self::Overloaded | Self::Auth(Rejection::KeysNotLoaded) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+            }
+            Self::RateLimited(seconds) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             }
             Self::Auth(rejection) => {
                 if let Some(challenge) = challenge(&rejection) {

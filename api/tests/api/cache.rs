@@ -19,7 +19,8 @@ async fn an_older_version_never_replaces_a_newer_entry_or_tombstone() {
     // a loaded machine would (correctly) turn into a background retry and a miss, so give Redis time.
     let mut redis = app.config.redis.clone();
     redis.timeout = Duration::from_secs(10);
-    let cache = UserCache::new(&redis, api::metrics::ApiMetrics::new().cache.clone()).unwrap();
+    let client = api::redis_client::RedisClient::new(&redis).unwrap();
+    let cache = UserCache::new(client, &redis, api::metrics::ApiMetrics::new().cache.clone());
     let id = Uuid::new_v4();
     cache.store(id, 2, Bytes::from_static(b"{\"v\":2}")).await;
     cache.store(id, 1, Bytes::from_static(b"{\"v\":1}")).await;
@@ -116,7 +117,8 @@ async fn hung_redis_never_stalls_a_request() {
             held.push(socket);
         }
     });
-    let app = spawn_app_with(&[("REDIS_PORT", &port), ("REDIS_TIMEOUT_MS", "100")]).await;
+    // The rate limiter's Redis calls hang too: it must fall back to limiting locally just as fast.
+    let app = spawn_app_with(&[("REDIS_PORT", &port), ("REDIS_TIMEOUT_MS", "100"), ("RATE_LIMIT_RPS", "1000")]).await;
     exercise_every_endpoint(&app).await;
 }
 
@@ -210,7 +212,7 @@ async fn with_redis_flapping_no_request_fails_and_no_read_is_stale() {
 }
 
 /// A fault proxy in front of the test Redis.
-async fn redis_proxy() -> testkit::FaultProxy {
+pub async fn redis_proxy() -> testkit::FaultProxy {
     let redis = testkit::service_vars();
     testkit::FaultProxy::in_front_of(&format!("{}:{}", redis["REDIS_HOST"], redis["REDIS_PORT"])).await
 }

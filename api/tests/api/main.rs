@@ -11,5 +11,6 @@ mod helpers;
 mod http;
 mod migrations;
 mod operability;
+mod ratelimit;
 mod shutdown;
 mod users;
