@@ -404,11 +404,15 @@ impl AuthConfig {
         if refresh.is_zero() {
             return Err(env.invalid("AUTH_JWKS_REFRESH", "must be at least 1 second".into()));
         }
+        let clock_skew = env.seconds("AUTH_CLOCK_SKEW", 30)?;
+        if clock_skew > Duration::from_secs(300) {
+            return Err(env.invalid("AUTH_CLOCK_SKEW", "more than 300 seconds would accept long-expired tokens".into()));
+        }
         Ok(Self::Jwt(JwtConfig {
             issuer: env.required("AUTH_ISSUER", "AUTH_MODE=jwt (the default)")?,
             audience: env.required("AUTH_AUDIENCE", "AUTH_MODE=jwt (the default)")?,
             jwks,
-            clock_skew: env.seconds("AUTH_CLOCK_SKEW", 30)?,
+            clock_skew,
             refresh,
         }))
     }

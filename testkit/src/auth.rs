@@ -111,6 +111,8 @@ pub enum Behaviour {
     Garbage,
     /// This status with an empty body.
     Status(u16),
+    /// 302 to this location.
+    Redirect(String),
 }
 
 /// A JWKS endpoint on 127.0.0.1, on a thread of its own (so it outlives any one test's runtime).
@@ -157,14 +159,18 @@ async fn serve(listener: tokio::net::TcpListener, behaviour: Arc<Mutex<Behaviour
             requests.fetch_add(1, Ordering::SeqCst);
             let behaviour = behaviour.lock().unwrap().clone();
             async move {
-                let (status, body) = match behaviour {
-                    Behaviour::Serve(body) => (200, body),
-                    Behaviour::Garbage => (200, "<html>this is not a JWK Set</html>".to_owned()),
-                    Behaviour::Status(status) => (status, String::new()),
+                let (status, body, location) = match behaviour {
+                    Behaviour::Serve(body) => (200, body, None),
+                    Behaviour::Garbage => (200, "<html>this is not a JWK Set</html>".to_owned(), None),
+                    Behaviour::Status(status) => (status, String::new(), None),
+                    Behaviour::Redirect(location) => (302, String::new(), Some(location)),
                     Behaviour::Hang => std::future::pending().await,
                 };
                 let mut response = Response::new(Full::new(Bytes::from(body)));
                 *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                if let Some(location) = location {
+                    response.headers_mut().insert(hyper::header::LOCATION, location.parse().unwrap());
+                }
                 Ok::<_, Infallible>(response)
             }
         });

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::str::FromStr;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -28,6 +28,10 @@ pub const UNKNOWN_KID_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Longest wait for the JWKS server (connect, headers and body).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest a request naming an unknown `kid` waits for the refresh it caused (or found running); the
+/// refresh itself goes on in the background. Bounds what a hanging JWKS server costs such requests.
+const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(1);
 
 /// Largest JWK Set read; real ones are a few KiB.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
@@ -65,8 +69,11 @@ pub struct KeySet {
     source: JwksSource,
     http: reqwest::Client,
     current: RwLock<Option<Arc<Keys>>>,
-    /// When a token with an unknown `kid` last caused a refresh; the lock makes those refreshes single-flight.
-    unknown_kid_refreshed: tokio::sync::Mutex<Option<Instant>>,
+    /// When a token with an unknown `kid` last caused a refresh.
+    unknown_kid_refreshed: Mutex<Option<Instant>>,
+    /// Held by whichever refresh runs, so they run one at a time and a slow one cannot overwrite the
+    /// newer set of another.
+    refreshing: tokio::sync::Mutex<()>,
     /// The last refresh's error, cleared by a success (for `/health`).
     last_error: RwLock<Option<String>>,
     refreshes: IntCounterVec,
@@ -77,16 +84,22 @@ impl KeySet {
     /// Starts loading the set in the background and refreshing it every `config.refresh`. The task
     /// ends when the last reference to the set is dropped.
     pub fn start(config: &JwtConfig, refreshes: IntCounterVec, key_count: IntGauge) -> anyhow::Result<Arc<Self>> {
+        // No redirects, and an https URL is never answered over plain http: the keys come from exactly
+        // the configured place (an open redirect there would otherwise let anyone supply them).
+        let https = matches!(&config.jwks, JwksSource::Url(url) if url.starts_with("https://"));
         let http = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
             .connect_timeout(FETCH_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .https_only(https)
             .build()
             .context("could not build the JWKS HTTP client")?;
         let keys = Arc::new(Self {
             source: config.jwks.clone(),
             http,
             current: RwLock::new(None),
-            unknown_kid_refreshed: tokio::sync::Mutex::new(None),
+            unknown_kid_refreshed: Mutex::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
             last_error: RwLock::new(None),
             refreshes,
             key_count,
@@ -110,20 +123,29 @@ impl KeySet {
         self.last_error.read().ok().and_then(|error| error.clone())
     }
 
-    /// Called for a token whose `kid` the current set lacks: refreshes unless that was done less than
-    /// [`UNKNOWN_KID_REFRESH_INTERVAL`] ago. Concurrent callers wait for the one refresh in flight,
-    /// then look again.
-    pub async fn refresh_for_unknown_kid(&self) {
-        let mut last = self.unknown_kid_refreshed.lock().await;
-        if last.is_some_and(|at| at.elapsed() < UNKNOWN_KID_REFRESH_INTERVAL) {
-            return;
+    /// Called for a token whose `kid` the current set lacks: starts a refresh unless one was started
+    /// less than [`UNKNOWN_KID_REFRESH_INTERVAL`] ago, and waits for the refresh running (at most
+    /// [`UNKNOWN_KID_WAIT`]), so the caller can look again.
+    pub async fn refresh_for_unknown_kid(self: &Arc<Self>) {
+        let start = match self.unknown_kid_refreshed.lock() {
+            Ok(mut last) if last.is_none_or(|at| at.elapsed() >= UNKNOWN_KID_REFRESH_INTERVAL) => {
+                *last = Some(Instant::now());
+                true
+            }
+            _ => false,
+        };
+        if start {
+            let set = Arc::clone(self);
+            let refresh = tokio::spawn(async move { set.refresh("unknown_kid").await });
+            let _ = tokio::time::timeout(UNKNOWN_KID_WAIT, refresh).await;
+        } else {
+            let _ = tokio::time::timeout(UNKNOWN_KID_WAIT, self.refreshing.lock()).await;
         }
-        *last = Some(Instant::now());
-        let _ = self.refresh("unknown_kid").await;
     }
 
-    /// Loads the set once; on failure the previous set stays.
+    /// Loads the set once, after any refresh already running; on failure the previous set stays.
     async fn refresh(&self, trigger: &str) -> anyhow::Result<()> {
+        let _one_at_a_time = self.refreshing.lock().await;
         let result = self.load().await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.refreshes.with_label_values(&[trigger, outcome]).inc();
@@ -169,6 +191,9 @@ impl KeySet {
 
     async fn fetch(&self, url: &str) -> anyhow::Result<Vec<u8>> {
         let mut response = self.http.get(url).send().await?.error_for_status()?;
+        if !response.status().is_success() {
+            bail!("answered {} (redirects are not followed)", response.status());
+        }
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await? {
             body.extend_from_slice(&chunk);

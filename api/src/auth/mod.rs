@@ -159,7 +159,8 @@ impl Authenticator {
         .await;
         if let Err(rejection) = &result {
             rejections.with_label_values(&[rejection.reason()]).inc();
-            tracing::info!(reason = rejection.reason(), error = %rejection, "request not authenticated");
+            // Debug: unauthenticated traffic must not be able to flood the logs; the metric counts it.
+            tracing::debug!(reason = rejection.reason(), error = %rejection, "request not authenticated");
         }
         result
     }

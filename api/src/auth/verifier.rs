@@ -3,9 +3,9 @@
 //! A client sends the same access token on every request until it expires, and a signature check
 //! costs more than a cached GET does in all (RS256 and ES256 verification are tens of µs). So a token
 //! that passed is remembered, with what it grants, until its `exp` (plus the clock skew) or until
-//! the key set changes, whichever comes first. Only tokens that passed every check are remembered:
-//! forged or malformed ones cannot fill the memory, and a key removed from the JWKS stops working
-//! at the next refresh.
+//! the key set changes, whichever comes first. Only tokens that passed every check are remembered
+//! (forged or malformed ones cannot fill the memory; a key removed from the JWKS stops working at the
+//! next refresh), and only by their SHA-256, so the memory holds no usable token.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -18,7 +18,8 @@ use serde::Deserialize;
 use super::jwks::{ACCEPTED_ALGORITHMS, KeySet};
 use super::{Client, Rejection, Scopes};
 
-/// Tokens remembered at most; when full the memory starts over (each live client re-verifies once).
+/// Tokens remembered at most. When full, expired ones go; if that is not enough, the memory starts
+/// over (each live client's next request is verified again).
 const MAX_REMEMBERED_TOKENS: usize = 10_000;
 
 /// What a token must carry besides the registered claims `jsonwebtoken` checks.
@@ -57,7 +58,7 @@ pub struct Verifier {
     /// One `Validation` per accepted algorithm (the issuer, audience and leeway are the same).
     validations: HashMap<Algorithm, Validation>,
     leeway: u64,
-    verified: RwLock<HashMap<Box<str>, Verified>>,
+    verified: RwLock<HashMap<TokenDigest, Verified>>,
 }
 
 impl Verifier {
@@ -88,7 +89,8 @@ impl Verifier {
     pub async fn verify(&self, token: &str) -> Result<(Client, Scopes), Rejection> {
         let now = jsonwebtoken::get_current_timestamp();
         let generation = self.keys.current().map(|keys| keys.generation);
-        if let Some(verified) = self.remembered(token)
+        let digest = digest(token);
+        if let Some(verified) = self.remembered(&digest)
             && Some(verified.generation) == generation
             && now <= verified.valid_until
         {
@@ -96,20 +98,23 @@ impl Verifier {
         }
         let verified = self.check(token, now).await?;
         let result = (verified.client.clone(), verified.scopes);
-        self.remember(token, verified);
+        self.remember(digest, verified, now);
         Ok(result)
     }
 
-    fn remembered(&self, token: &str) -> Option<Verified> {
-        self.verified.read().ok()?.get(token).cloned()
+    fn remembered(&self, digest: &TokenDigest) -> Option<Verified> {
+        self.verified.read().ok()?.get(digest).cloned()
     }
 
-    fn remember(&self, token: &str, verified: Verified) {
+    fn remember(&self, digest: TokenDigest, verified: Verified, now: u64) {
         if let Ok(mut remembered) = self.verified.write() {
+            if remembered.len() >= MAX_REMEMBERED_TOKENS {
+                remembered.retain(|_, entry| now <= entry.valid_until);
+            }
             if remembered.len() >= MAX_REMEMBERED_TOKENS {
                 remembered.clear();
             }
-            remembered.insert(token.into(), verified);
+            remembered.insert(digest, verified);
         }
     }
 
@@ -129,10 +134,9 @@ impl Verifier {
             return Err(invalid("algorithm", "the token's algorithm does not match its key"));
         }
         let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, validation).map_err(rejection)?.claims;
-        let client = claims
-            .client_id
-            .or(claims.sub)
-            .filter(|id| !id.is_empty())
+        let named = |id: &Option<String>| id.clone().filter(|id| !id.is_empty());
+        let client = named(&claims.client_id)
+            .or_else(|| named(&claims.sub))
             .ok_or_else(|| invalid("claims", "the token names no client (client_id or sub)"))?;
         let scopes = match (&claims.scope, &claims.scp) {
             (Some(scope), _) | (None, Some(ScopeList::Text(scope))) => Scopes::from_names(scope.split(' ')),
@@ -143,6 +147,16 @@ impl Verifier {
         let valid_until = (claims.exp.unwrap_or_default() as u64).saturating_add(self.leeway).max(now);
         Ok(Verified { client: Client { id: client.into() }, scopes, valid_until, generation: keys.generation })
     }
+}
+
+/// What a token is remembered by.
+type TokenDigest = [u8; 32];
+
+fn digest(token: &str) -> TokenDigest {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut bytes = [0; 32];
+    bytes.copy_from_slice(digest.as_ref());
+    bytes
 }
 
 fn invalid(reason: &'static str, message: &'static str) -> Rejection {

@@ -88,6 +88,9 @@ async fn every_accepted_algorithm_works_and_the_client_is_known() {
     // `scp` as an array, and `sub` when there is no `client_id`.
     let token = issuer.token(&claims_with(json!({"scope": null, "client_id": null, "scp": ["users:read"]})));
     assert_eq!(get_bearer(&issuer.app, "/api/v1/users", &token).await.0, 200);
+    // `scp` as a space-separated string, and an empty `client_id` beside a `sub`.
+    let token = issuer.token(&claims_with(json!({"scope": null, "client_id": "", "scp": "events:read users:read"})));
+    assert_eq!(get_bearer(&issuer.app, "/api/v1/users", &token).await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -120,20 +123,40 @@ async fn missing_or_malformed_credentials_are_401_unauthorized() {
     }
 }
 
+/// `auth_rejections_total` by reason, read from `/metrics`.
+async fn rejections(app: &TestApp) -> std::collections::HashMap<String, u64> {
+    let metrics = client().get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("auth_rejections_total{reason=\""))
+        .filter_map(|rest| rest.split_once("\"} "))
+        .map(|(reason, count)| (reason.to_owned(), count.parse().unwrap()))
+        .collect()
+}
+
+/// The token with one character of its signature changed (still valid base64url).
+fn flip_signature(token: &str) -> String {
+    let (message, signature) = token.rsplit_once('.').unwrap();
+    let mut signature = signature.as_bytes().to_vec();
+    let middle = signature.len() / 2;
+    signature[middle] = if signature[middle] == b'A' { b'B' } else { b'A' };
+    format!("{message}.{}", String::from_utf8(signature).unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn tokens_that_fail_a_check_are_401_invalid_token() {
+async fn tokens_that_fail_a_check_are_401_invalid_token_each_for_its_own_reason() {
     let issuer = Issuer::start(&[]).await;
     let now = now();
     let stranger = SigningKey::generate(Algorithm::ES256);
     let rsa = issuer.key(Algorithm::RS256);
     let good = issuer.token(&SigningKey::claims(ALL_SCOPES));
-    let (header, payload, _) = {
+    let (header, payload) = {
         let parts: Vec<&str> = good.split('.').collect();
-        (parts[0].to_owned(), parts[1].to_owned(), parts[2].to_owned())
+        (parts[0].to_owned(), parts[1].to_owned())
     };
     let none_header =
         base64url(json!({"alg": "none", "typ": "JWT", "kid": issuer.key(Algorithm::ES256).kid}).to_string().as_bytes());
-    // Algorithm confusion: HS256 with the RSA key's public JWK as the HMAC secret.
+    // Algorithm confusion: HS256 with the RSA key's public JWK as the HMAC secret, naming the RSA key.
     let mut hmac_header = Header::new(Algorithm::HS256);
     hmac_header.kid = Some(rsa.kid.clone());
     let confused = jsonwebtoken::encode(
@@ -145,60 +168,77 @@ async fn tokens_that_fail_a_check_are_401_invalid_token() {
     // An RSA key published for PS256 only, used with RS256.
     let mut rs256_on_pss = Header::new(Algorithm::RS256);
     rs256_on_pss.kid = Some(issuer.key(Algorithm::PS256).kid.clone());
-    let cases: Vec<(&str, String)> = vec![
-        ("expired", issuer.token(&claims_with(json!({"exp": now - 120})))),
-        ("not yet valid", issuer.token(&claims_with(json!({"nbf": now + 120})))),
-        ("wrong issuer", issuer.token(&claims_with(json!({"iss": "https://evil.example/"})))),
-        ("wrong audience", issuer.token(&claims_with(json!({"aud": "another-api"})))),
-        ("audience array without ours", issuer.token(&claims_with(json!({"aud": ["a", "b"]})))),
-        ("no exp", issuer.token(&claims_with(json!({"exp": null})))),
-        ("no client", issuer.token(&claims_with(json!({"client_id": null, "sub": null})))),
-        ("unknown kid", stranger.sign(&SigningKey::claims(ALL_SCOPES))),
-        ("alg none", format!("{none_header}.{payload}.")),
-        ("HMAC with the RSA public key", confused),
+    let tampered_claims = base64url(claims_with(json!({"client_id": "admin"})).to_string().as_bytes());
+    let cases: Vec<(&str, &str, String)> = vec![
+        ("expired", "expired", issuer.token(&claims_with(json!({"exp": now - 120})))),
+        ("not yet valid", "not_yet_valid", issuer.token(&claims_with(json!({"nbf": now + 120})))),
+        ("wrong issuer", "issuer", issuer.token(&claims_with(json!({"iss": "https://evil.example/"})))),
+        ("wrong audience", "audience", issuer.token(&claims_with(json!({"aud": "another-api"})))),
+        ("audience array without ours", "audience", issuer.token(&claims_with(json!({"aud": ["a", "b"]})))),
+        ("no exp", "claims", issuer.token(&claims_with(json!({"exp": null})))),
+        ("no client", "claims", issuer.token(&claims_with(json!({"client_id": null, "sub": null})))),
+        ("unknown kid", "unknown_key", stranger.sign(&SigningKey::claims(ALL_SCOPES))),
+        ("alg none", "malformed", format!("{none_header}.{payload}.")),
+        ("HMAC with the RSA public key", "algorithm", confused),
         (
             "RS256 on a PS256 key",
+            "algorithm",
             issuer.key(Algorithm::PS256).sign_with(&rs256_on_pss, &SigningKey::claims(ALL_SCOPES)),
         ),
-        ("truncated", good[..good.len() - 8].to_owned()),
+        ("one signature character changed", "signature", flip_signature(&good)),
         (
-            "signature of another token",
-            format!("{header}.{payload}.{}", stranger.sign(&json!({})).rsplit('.').next().unwrap()),
+            "claims changed after signing",
+            "signature",
+            format!("{header}.{tampered_claims}.{}", good.rsplit('.').next().unwrap()),
         ),
-        (
-            "tampered claims",
-            format!(
-                "{header}.{}.{}",
-                base64url(claims_with(json!({"scope": "users:write"})).to_string().as_bytes()),
-                good.rsplit('.').next().unwrap()
-            ),
-        ),
-        ("not base64url", "a+b/c.d~e.f".to_owned()),
-        ("one part", "abc".to_owned()),
-        ("header not JSON", format!("{}.{payload}.sig", base64url(b"not json"))),
+        ("truncated inside the claims", "malformed", good[..header.len() + 1 + payload.len() / 2].to_owned()),
+        ("not base64url", "malformed", "a+b/c.d~e.f".to_owned()),
+        ("header not JSON", "malformed", format!("{}.{payload}.sig", base64url(b"not json"))),
     ];
-    for (case, token) in cases {
+    for (case, reason, token) in cases {
+        let before = rejections(&issuer.app).await.get(reason).copied().unwrap_or(0);
         let (status, challenge, body) = get_bearer(&issuer.app, "/api/v1/users", &token).await;
         assert_eq!((status, challenge.as_str(), error_code(&body)), (401, INVALID, "invalid_token"), "{case}: {body}");
+        let after = rejections(&issuer.app).await.get(reason).copied().unwrap_or(0);
+        assert_eq!(after, before + 1, "{case}: not rejected for {reason}: {:?}", rejections(&issuer.app).await);
     }
     // Clock skew: 10 s past `exp` is inside the default 30 s.
     let lately_expired = issuer.token(&claims_with(json!({"exp": now - 10})));
     assert_eq!(get_bearer(&issuer.app, "/api/v1/users", &lately_expired).await.0, 200);
-    // Each reason is counted.
-    let metrics = client().get(issuer.app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    for reason in [
-        "expired",
-        "not_yet_valid",
-        "issuer",
-        "audience",
-        "unknown_key",
-        "algorithm",
-        "signature",
-        "claims",
-        "malformed",
-    ] {
-        assert!(metrics.contains(&format!("auth_rejections_total{{reason=\"{reason}\"}}")), "{reason} not counted");
-    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remembered_token_is_refused_once_it_expires() {
+    let issuer = Issuer::start(&[("AUTH_CLOCK_SKEW", "0")]).await;
+    let token = issuer.token(&claims_with(json!({"exp": now() + 2})));
+    assert_eq!(get_bearer(&issuer.app, "/api/v1/users", &token).await.0, 200);
+    assert_eq!(get_bearer(&issuer.app, "/api/v1/users", &token).await.0, 200);
+    testkit::eventually("the remembered token to expire", Duration::from_secs(10), || async {
+        let (status, _, body) = get_bearer(&issuer.app, "/api/v1/users", &token).await;
+        (status == 401).then(|| assert_eq!(error_code(&body), "invalid_token"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_kids_while_the_jwks_server_hangs_delay_nobody_else() {
+    let issuer = Issuer::start(&[]).await;
+    let app = &issuer.app;
+    let good = issuer.token(&SigningKey::claims(ALL_SCOPES));
+    issuer.server.set(Behaviour::Hang);
+    let forged: Vec<String> =
+        (0..20).map(|_| SigningKey::generate(Algorithm::EdDSA).sign(&SigningKey::claims(ALL_SCOPES))).collect();
+    let started = std::time::Instant::now();
+    let attempts = forged.iter().map(|token| get_bearer(app, "/api/v1/users", token));
+    let statuses: Vec<u16> = futures_util::future::join_all(attempts).await.into_iter().map(|(s, _, _)| s).collect();
+    let forged_took = started.elapsed();
+    let started = std::time::Instant::now();
+    assert_eq!(get_bearer(app, "/api/v1/users", &good).await.0, 200);
+    let good_took = started.elapsed();
+    eprintln!("20 unknown kids against a hanging JWKS server: {forged_took:?}; a valid token then: {good_took:?}");
+    assert!(statuses.iter().all(|status| *status == 401), "{statuses:?}");
+    // Each waits at most about a second for the refresh, never the server's 5 s fetch timeout.
+    assert!(forged_took < Duration::from_secs(4), "{forged_took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -322,4 +362,25 @@ async fn auth_mode_none_opens_every_route_and_says_so() {
     assert_eq!(get_with(&app, "/api/v1/users", &[]).await.0, 200);
     let health: Value = client().get(app.url("/health")).send().await.unwrap().json().await.unwrap();
     assert_eq!(health["auth"], "disabled");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jwks_that_is_garbage_or_a_redirect_at_start_leaves_the_api_unready() {
+    let key = SigningKey::generate(Algorithm::ES256);
+    let elsewhere = JwksServer::start(jwks(&[&key]));
+    for behaviour in [Behaviour::Garbage, Behaviour::Redirect(elsewhere.url.clone())] {
+        let server = JwksServer::start(String::new());
+        server.set(behaviour);
+        let app = spawn_app_unready(&[("AUTH_JWKS_URL", &server.url)]).await;
+        testkit::eventually("a load attempt", Duration::from_secs(10), || async {
+            (server.requests() > 0).then_some(())
+        })
+        .await;
+        let health: Value = client().get(app.url("/health")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(health["checks"]["jwks"]["status"], "down", "{health}");
+        assert_eq!(client().get(app.url("/health/ready")).send().await.unwrap().status(), 503);
+        let token = key.sign(&SigningKey::claims(ALL_SCOPES));
+        assert_eq!(get_bearer(&app, "/api/v1/users", &token).await.0, 503);
+    }
+    assert_eq!(elsewhere.requests(), 0, "the redirect was followed");
 }
