@@ -42,6 +42,8 @@ TARGETS = {
     "post_event_vs_pgbench": (0.60, "POST event ≥ 0.60 × pgbench same inserts"),
     "list_vs_uncached": (0.50, "list page 1 ≥ 0.50 × uncached GET"),
     "page1000_vs_page1": (0.50, "list page 1000 (by cursor) ≥ 0.50 × page 1 (no slower than 2×)"),
+    "auth_cached_vs_plain": (0.85, "cached GET user with a token and the rate limiter ≥ 0.85 × without"),
+    "auth_post_vs_plain": (0.85, "POST user with a token and the rate limiter ≥ 0.85 × without"),
 }
 # name: description; ratios to the reference server's other ceilings, reported without a goal: they
 # show how much of a gap to pgbench any HTTP server pays (the same query over tokio-postgres) and how
@@ -51,6 +53,7 @@ CONTEXT = {
     "uncached_vs_ref_pg": "uncached GET user ÷ reference server's PK select (tokio-postgres, prepared)",
     "ref_pg_vs_pgbench": "reference server's PK select ÷ pgbench PK select",
     "post_user_vs_echo": "POST user ÷ reference server's POST (parse the JSON body, answer)",
+    "fresh_tokens_vs_plain": "cached GET user, each request one of 50,000 tokens (signature checked nearly every time) ÷ without a token",
 }
 
 
@@ -127,7 +130,7 @@ class Stack:
         self.processes = {}
         self.db = f"hlms_bench_{os.getpid()}"
         self.redis_port, self.broker_port = free_port(), free_port()
-        self.ports = {name: free_port() for name in ("api", "api_uncached", "ref", "worker")}
+        self.ports = {name: free_port() for name in ("api", "api_uncached", "api_auth", "ref", "worker")}
         psql(f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)")
         psql(f"CREATE DATABASE {self.db}")
         self.start("redis", ["redis-server", "--port", str(self.redis_port), "--save", "", "--appendonly", "no"])
@@ -152,13 +155,19 @@ class Stack:
 
     def start_apps(self):
         self.start_cached_api()
+        # The cached api again, with what clients cost: a bearer token on every request (the development
+        # issuer, JWKS from a file) and the rate limiter on, its limit far above the load.
+        self.start("api_auth", [RELEASE / "api"], {
+            **self.env, "SERVER_PORT": str(self.ports["api_auth"]), "RUN_MIGRATIONS": "false", "CACHE_TTL": "7200",
+            "AUTH_MODE": "jwt", "AUTH_ISSUER": "highload-microservice-dev", "AUTH_AUDIENCE": "highload-microservice",
+            "AUTH_JWKS_FILE": str(ROOT / "dev/auth/jwks.json"), "RATE_LIMIT_RPS": "1000000000"})
         self.start("api_uncached", [RELEASE / "api"], {**self.env, "SERVER_PORT": str(self.ports["api_uncached"]),
                                                         "CACHE_TTL": "0", "RUN_MIGRATIONS": "false"})
         self.start("ref", [RELEASE / "refserver"], {**self.env, "REF_PORT": str(self.ports["ref"]),
                                                      "REF_PG": f"host=127.0.0.1 user=postgres dbname={self.db}",
                                                      "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}",
                                                      "REDIS_KEY_PREFIX": "hlms:"})
-        for name in ("api", "api_uncached"):
+        for name in ("api", "api_uncached", "api_auth"):
             wait_for(name, lambda n=name: http_ok(f"http://127.0.0.1:{self.ports[n]}/health/ready"))
         wait_for("refserver", lambda: http_ok(f"http://127.0.0.1:{self.ports['ref']}/static"))
 
@@ -293,7 +302,13 @@ def measure_http(stack, args, ids_file, users):
     ids = str(ids_file)
     # Page 1000 of 10 starts after 9,990 rows; with `page=1000` PostgreSQL would skip them one by one.
     page1000 = deep_cursor(stack, min(9_990, users - 10))
-    api, unc, ref = "api", "api_uncached", "ref"
+    api, unc, ref, auth = "api", "api_uncached", "ref", "api_auth"
+    # One token, as a client sends until it expires; and 50,000 different ones (more than the api
+    # remembers), so nearly every request has its signature checked.
+    token, tokens = stack.tmp / "token", stack.tmp / "tokens"
+    dev_token = [RELEASE / "dev-token", "users:read users:write", "--ttl", "7200"]
+    token.write_text(subprocess.run(dev_token, check=True, capture_output=True, text=True).stdout)
+    tokens.write_text(subprocess.run([*dev_token, "--count", "50000"], check=True, capture_output=True, text=True).stdout)
     # name → thunk returning a measurement; pairs are (service, ceiling, ratio name).
     runs = {
         "health": lambda: wrk(stack.url(api, "/health/live"), seconds, pid=stack.pid(api)),
@@ -305,6 +320,16 @@ def measure_http(stack, args, ids_file, users):
         "ref_pg_get": lambda: wrk(stack.url(ref, "/"), seconds, "get_by_id.lua", (ids, "/pg/"), stack.pid(ref)),
         "ref_post": lambda: wrk(stack.url(ref, "/echo"), seconds, "create_user.lua", (), stack.pid(ref)),
         "post_user": lambda: wrk(stack.url(api, "/api/v1/users"), seconds, "create_user.lua", (), stack.pid(api)),
+        # The plain cached api under exactly the same load (it ignores the header): wrk's Lua costs the
+        # shared cores the same in both, so the ratio is what the server does differently.
+        "cached_get_with_header": lambda: wrk(stack.url(api, "/"), seconds, "get_by_id.lua",
+                                              (ids, "/api/v1/users/", token), stack.pid(api)),
+        "cached_get_auth": lambda: wrk(stack.url(auth, "/"), seconds, "get_by_id.lua", (ids, "/api/v1/users/", token),
+                                       stack.pid(auth)),
+        "cached_get_fresh_tokens": lambda: wrk(stack.url(auth, "/"), seconds, "get_by_id.lua",
+                                               (ids, "/api/v1/users/", tokens), stack.pid(auth)),
+        "post_user_auth": lambda: wrk(stack.url(auth, "/api/v1/users"), seconds, "create_user.lua", (token,),
+                                      stack.pid(auth)),
         "pgbench_user": lambda: pgbench(stack.db, "create_user.sql", seconds, users),
         "post_event": lambda: wrk(stack.url(api, "/api/v1/events"), seconds, "create_event.lua", (ids,), stack.pid(api)),
         "pgbench_event": lambda: pgbench(stack.db, "create_event.sql", seconds, users),
@@ -316,11 +341,14 @@ def measure_http(stack, args, ids_file, users):
              ("post_user", "pgbench_user", "post_user_vs_pgbench"), ("post_event", "pgbench_event", "post_event_vs_pgbench"),
              ("list_page1", "uncached_get", "list_vs_uncached"), ("list_page1000", "list_page1", "page1000_vs_page1"),
              ("uncached_get", "ref_pg_get", "uncached_vs_ref_pg"), ("ref_pg_get", "pgbench_select", "ref_pg_vs_pgbench"),
-             ("post_user", "ref_post", "post_user_vs_echo"), ("redis_get", "static", "redis_vs_static")]
+             ("post_user", "ref_post", "post_user_vs_echo"), ("redis_get", "static", "redis_vs_static"),
+             ("cached_get_auth", "cached_get_with_header", "auth_cached_vs_plain"), ("post_user_auth", "post_user", "auth_post_vs_plain"),
+             ("cached_get_fresh_tokens", "cached_get_with_header", "fresh_tokens_vs_plain")]
     log("warming up (fills the cache for the ids the load uses, warms both servers and PostgreSQL)")
     warm = 1 if args.smoke else 5
     wrk(stack.url(api, "/"), warm, "get_by_id.lua", (ids, "/api/v1/users/"))
     wrk(stack.url(unc, "/"), warm, "get_by_id.lua", (ids, "/api/v1/users/"))
+    wrk(stack.url(auth, "/"), warm, "get_by_id.lua", (ids, "/api/v1/users/", token))
     wrk(stack.url(ref, "/static"), 1)
     results = {name: [] for name in runs}
     ratios = {ratio: [] for _, _, ratio in pairs}
@@ -469,7 +497,8 @@ def text_figures(results, ratios, worker):
         "UNCACHED": ratio["uncached_vs_pgbench"], "REF_PG": ratio["ref_pg_vs_pgbench"],
         "UNCACHED_REF": ratio["uncached_vs_ref_pg"], "LIST": ratio["list_vs_uncached"],
         "PAGE1000": ratio["page1000_vs_page1"], "POST_USER": ratio["post_user_vs_pgbench"],
-        "POST_EVENT": ratio["post_event_vs_pgbench"], "E2E": f"{worker['throughput']:,.0f}",
+        "POST_EVENT": ratio["post_event_vs_pgbench"], "AUTH_CACHED": ratio["auth_cached_vs_plain"],
+        "AUTH_POST": ratio["auth_post_vs_plain"], "FRESH_TOKENS": ratio["fresh_tokens_vs_plain"], "E2E": f"{worker['throughput']:,.0f}",
         "POST_EVENT_API": f"{api_us:.0f}", "POST_EVENT_PG": f"{pg_us:.0f}",
         "DRAIN_CPU": f"{sum(worker['backlog_cpu_us']):.0f}", "E2E_CPU": f"{per_event_us:.0f}",
         "E2E_CORES": f"{per_event_us * 5000 / 1e6:.1f}",

@@ -41,14 +41,15 @@ impl RedisClient {
         Ok(Self(Arc::new(Inner { pool, shared: RwLock::new(None), timeout: config.timeout })))
     }
 
-    /// Runs `operation` on the shared multiplexed connection within `REDIS_TIMEOUT_MS`. A failure of
-    /// the connection itself discards it, so the pool dials a new one.
+    /// Runs `operation` on the shared multiplexed connection within `REDIS_TIMEOUT_MS`, getting a
+    /// connection included. A failure of the connection itself discards it, so the pool dials a new one.
     pub async fn call<T, Fut>(&self, operation: impl FnOnce(MultiplexedConnection) -> Fut) -> RedisResult<T>
     where
         Fut: Future<Output = RedisResult<T>>,
     {
-        let connection = self.shared_connection().await?;
-        let result = match tokio::time::timeout(self.0.timeout, operation(connection.redis.clone())).await {
+        let deadline = tokio::time::Instant::now() + self.0.timeout;
+        let connection = self.shared_connection(deadline).await?;
+        let result = match tokio::time::timeout_at(deadline, operation(connection.redis.clone())).await {
             Ok(result) => result,
             Err(_) => Err(timed_out()),
         };
@@ -68,13 +69,13 @@ impl RedisClient {
     /// The connection every request shares until a call finds it broken; then the next one the pool
     /// hands out (checking out per call cost a lock and a timer per request, and one multiplexed
     /// connection pipelines concurrent calls anyway: measured in `bench/run`).
-    async fn shared_connection(&self) -> RedisResult<Connection> {
+    async fn shared_connection(&self, deadline: tokio::time::Instant) -> RedisResult<Connection> {
         if let Some(connection) = self.0.shared.read().ok().and_then(|shared| shared.clone())
             && !connection.is_broken()
         {
             return Ok(connection);
         }
-        let connection = match tokio::time::timeout(self.0.timeout, self.0.pool.get()).await {
+        let connection = match tokio::time::timeout_at(deadline, self.0.pool.get()).await {
             Ok(pooled) => pooled.map_err(pool_error)?.clone(),
             Err(_) => return Err(timed_out()),
         };

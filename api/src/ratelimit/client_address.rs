@@ -10,6 +10,8 @@ use ipnet::IpNet;
 
 /// The client's address.
 pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    // An IPv4 peer on a dual-stack socket arrives as ::ffff:a.b.c.d; it is the IPv4 address.
+    let peer = peer.to_canonical();
     let is_trusted = |address: &IpAddr| trusted.iter().any(|net| net.contains(address));
     if !is_trusted(&peer) {
         return peer;
@@ -18,10 +20,11 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
     // no trusted proxy owns is the client. An entry that is not an address ends the walk: what lies
     // left of it cannot be vouched for, so the last address that could be is the client.
     let mut client = peer;
-    let entries = headers.get_all("x-forwarded-for").iter().filter_map(|value| value.to_str().ok());
-    let entries: Vec<&str> = entries.flat_map(|value| value.split(',')).collect();
+    // A value that is not text is an entry that is not an address: it ends the walk like one.
+    let values = headers.get_all("x-forwarded-for").iter().map(|value| value.to_str().unwrap_or("?"));
+    let entries: Vec<&str> = values.flat_map(|value| value.split(',')).collect();
     for entry in entries.iter().rev() {
-        let Some(address) = parse(entry.trim()) else { break };
+        let Some(address) = parse(entry.trim()).map(|address| address.to_canonical()) else { break };
         client = address;
         if !is_trusted(&address) {
             break;
@@ -72,5 +75,6 @@ mod tests {
         assert_eq!(client("10.0.0.2", &["10.0.0.9, 10.0.0.1"], &trusted), "10.0.0.9");
         assert_eq!(client("10.0.0.2", &["198.51.100.7, nonsense, 10.0.0.1"], &trusted), "10.0.0.1");
         assert_eq!(client("10.0.0.2", &[], &trusted), "10.0.0.2");
+        assert_eq!(client("::ffff:10.0.0.2", &["198.51.100.7"], &trusted), "198.51.100.7");
     }
 }

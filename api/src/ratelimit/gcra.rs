@@ -11,7 +11,8 @@ pub const SHARED_SCRIPT: &str = r"
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
 local interval, burst, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or 0), now)
+-- Never further ahead than a full bucket: a TAT stored under a looser, older limit does not refuse longer.
+local tat = math.min(math.max(tonumber(redis.call('GET', KEYS[1]) or 0), now), now + burst * interval)
 local available = math.floor((now + burst * interval - tat) / interval)
 local granted = math.max(0, math.min(wanted, available))
 if granted == 0 then
@@ -22,13 +23,11 @@ redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now
 return {granted, available - granted, math.ceil(tat - now), 0}
 ";
 
-/// A limit: one request per `interval_ms` sustained, `burst` at once.
+/// A limit: one request per `interval_ms` sustained, `burst` (at least 1) at once.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
-    /// Milliseconds between requests at the sustained rate.
-    pub interval_ms: f64,
-    /// The bucket's size.
-    pub burst: u32,
+    interval_ms: f64,
+    burst: u32,
 }
 
 /// What a bucket answered.
@@ -50,9 +49,19 @@ impl Rate {
         Self { interval_ms: 1000.0 / f64::from(rps.max(1)), burst: burst.max(1) }
     }
 
+    /// Milliseconds between requests at the sustained rate.
+    pub fn interval_ms(&self) -> f64 {
+        self.interval_ms
+    }
+
+    /// The bucket's size.
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+
     /// Takes up to `wanted` units from the bucket whose TAT is `*tat`, at `now`; moves the TAT.
     pub fn take(&self, tat: &mut f64, now: f64, wanted: u32) -> Grant {
-        let start = tat.max(now);
+        let start = tat.max(now).min(now + f64::from(self.burst) * self.interval_ms);
         let available = ((now + f64::from(self.burst) * self.interval_ms - start) / self.interval_ms).floor();
         let available = available.max(0.0) as u32;
         let granted = wanted.min(available);

@@ -8,7 +8,8 @@
 //! limit; at worst a client is refused while another replica still holds a few of its units.
 //!
 //! Redis down or slower than `REDIS_TIMEOUT_MS`: each replica limits each client to the same rate in
-//! memory (so N replicas admit up to N times the limit), and retries Redis after [`SHARED_PAUSE_MS`].
+//! memory (so N replicas admit up to N times the limit; a client's local bucket starts from what the
+//! shared one last said), and after [`SHARED_PAUSE_MS`] one request at a time tries Redis again.
 //! Never a 5xx, never a wait beyond the Redis timeout.
 
 pub mod client_address;
@@ -16,7 +17,7 @@ pub mod gcra;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use common::config::RateLimitConfig;
@@ -87,9 +88,20 @@ pub struct RateLimiter {
     key_prefix: String,
     clients: Mutex<HashMap<Box<str>, ClientState>>,
     started: Instant,
+    /// Redis failed: until this time (ms since `started`) nobody asks it, then one request at a time.
     shared_paused_until_ms: AtomicU64,
-    /// `rate_limit_decisions_total{decision, source}`: allowed/limited × shared/local.
+    shared_suspect: AtomicBool,
+    /// `rate_limit_decisions_total{decision, source}`, indexed by `[limited][Source]`.
     decisions: [[IntCounter; 2]; 2],
+}
+
+/// Where a decision came from (the `source` label).
+#[derive(Clone, Copy)]
+enum Source {
+    /// The bucket in Redis (directly, or units leased from it).
+    Shared = 0,
+    /// This replica's own bucket, while Redis is away.
+    Local = 1,
 }
 
 impl RateLimiter {
@@ -107,6 +119,7 @@ impl RateLimiter {
             clients: Mutex::new(HashMap::new()),
             started: Instant::now(),
             shared_paused_until_ms: AtomicU64::new(0),
+            shared_suspect: AtomicBool::new(false),
             decisions: [
                 [counter("allowed", "shared"), counter("allowed", "local")],
                 [counter("limited", "shared"), counter("limited", "local")],
@@ -123,20 +136,39 @@ impl RateLimiter {
     pub async fn check(&self, client: &str) -> Decision {
         let now = self.now_ms();
         let wanted = match self.take_leased(client, now) {
-            Ok(decision) => return self.counted(decision, 0),
+            Ok(decision) => return self.counted(decision, Source::Shared),
             Err(wanted) => wanted,
         };
-        if now as u64 >= self.shared_paused_until_ms.load(Ordering::Relaxed) {
+        if self.may_ask_redis(now) {
             match self.take_shared(client, wanted).await {
-                Ok(grant) => return self.counted(self.record_shared(client, self.now_ms(), grant), 0),
+                Ok(grant) => {
+                    self.shared_suspect.store(false, Ordering::Relaxed);
+                    return self.counted(self.record_shared(client, self.now_ms(), grant), Source::Shared);
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, "rate limit: Redis unavailable; limiting in memory per replica");
-                    self.shared_paused_until_ms.store(self.now_ms() as u64 + SHARED_PAUSE_MS, Ordering::Relaxed);
+                    let until = self.now_ms() as u64 + SHARED_PAUSE_MS;
+                    self.shared_paused_until_ms.fetch_max(until, Ordering::Relaxed);
+                    self.shared_suspect.store(true, Ordering::Relaxed);
                 }
             }
         }
         let decision = self.take_local(client, self.now_ms());
-        self.counted(decision, 1)
+        self.counted(decision, Source::Local)
+    }
+
+    /// Normally yes. After a failure: no during the pause, then yes for one caller at a time (the
+    /// probe), so a hung Redis costs one request its timeout per pause, not every request.
+    fn may_ask_redis(&self, now: f64) -> bool {
+        if !self.shared_suspect.load(Ordering::Relaxed) {
+            return true;
+        }
+        let paused_until = self.shared_paused_until_ms.load(Ordering::Relaxed);
+        (now as u64) >= paused_until
+            && self
+                .shared_paused_until_ms
+                .compare_exchange(paused_until, now as u64 + SHARED_PAUSE_MS, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Serves the request from what this replica holds, or says how many units to ask Redis for.
@@ -151,9 +183,13 @@ impl RateLimiter {
             state.remaining = state.remaining.saturating_sub(1);
             return Ok(self.decision(true, state.remaining, state.full_at_ms - now, 0.0));
         }
-        // A batch used up before it expired: the client is busy, ask for more; one that expired
-        // with units left: ask for fewer.
-        state.batch = if state.leased == 0 { state.batch * 2 } else { state.batch / 2 }.clamp(1, self.max_batch);
+        // A batch used up before it expired: the client is busy, ask for more; one that expired with
+        // units left: ask for fewer; a client idle since its batch ran out keeps its size.
+        if state.leased == 0 && now < state.lease_expires_ms {
+            state.batch = (state.batch * 2).min(self.max_batch);
+        } else if state.leased > 0 {
+            state.batch = (state.batch / 2).max(1);
+        }
         state.leased = 0;
         Err(state.batch)
     }
@@ -165,8 +201,8 @@ impl RateLimiter {
             .call(|mut conn| async move {
                 self.script
                     .key(&key)
-                    .arg(self.rate.interval_ms)
-                    .arg(self.rate.burst)
+                    .arg(self.rate.interval_ms())
+                    .arg(self.rate.burst())
                     .arg(wanted)
                     .invoke_async(&mut conn)
                     .await
@@ -193,11 +229,15 @@ impl RateLimiter {
     fn take_local(&self, client: &str, now: f64) -> Decision {
         let mut clients = self.clients.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let state = self.state(&mut clients, client, now);
+        // Start from what the shared bucket last said, not from a full bucket at every Redis blip.
+        state.local_tat = state.local_tat.max(state.full_at_ms);
         let grant = self.rate.take(&mut state.local_tat, now, 1);
         self.decision(grant.granted > 0, grant.remaining, grant.reset_ms, grant.retry_after_ms)
     }
 
-    /// The client's entry, made if new; when too many are tracked, those with nothing pending go.
+    /// The client's entry, made if new. When too many are tracked, those with nothing pending go, and if
+    /// that is not enough, all of them (which only forgets leased units and local buckets: it never
+    /// admits more than the shared limit, and it bounds the memory and how often the sweep runs).
     fn state<'a>(
         &self,
         clients: &'a mut HashMap<Box<str>, ClientState>,
@@ -210,6 +250,9 @@ impl RateLimiter {
                     || now < state.refused_until_ms
                     || now < state.local_tat
             });
+            if clients.len() >= MAX_TRACKED_CLIENTS / 2 {
+                clients.clear();
+            }
         }
         clients.entry(client.into()).or_insert_with(|| ClientState { batch: 1, ..ClientState::default() })
     }
@@ -217,15 +260,15 @@ impl RateLimiter {
     fn decision(&self, allowed: bool, remaining: u32, reset_ms: f64, retry_after_ms: f64) -> Decision {
         Decision {
             allowed,
-            limit: self.rate.burst,
+            limit: self.rate.burst(),
             remaining,
             reset_secs: (reset_ms.max(0.0) / 1000.0).ceil() as u64,
             retry_after_secs: ((retry_after_ms / 1000.0).ceil() as u64).max(1),
         }
     }
 
-    fn counted(&self, decision: Decision, source: usize) -> Decision {
-        self.decisions[usize::from(!decision.allowed)][source].inc();
+    fn counted(&self, decision: Decision, source: Source) -> Decision {
+        self.decisions[usize::from(!decision.allowed)][source as usize].inc();
         decision
     }
 

@@ -1,5 +1,6 @@
-//! `dev-token [SCOPES] [--ttl SECONDS]`: prints an access token for the local stack (`scripts/up`,
-//! docker-compose), signed with the committed development key `dev/auth/dev-only-signing-key.pem`.
+//! `dev-token [SCOPES] [--ttl SECONDS] [--count N]`: prints an access token (or N different ones, one a
+//! line, for `bench/run`) for the local stack (`scripts/up`, docker-compose), signed with the committed
+//! development key `dev/auth/dev-only-signing-key.pem`.
 //! `dev-token --jwks` prints the JWK Set of that key (what `dev/auth/jwks.json` holds).
 //!
 //! That key is public (it is in this repository): only a stack configured with
@@ -26,7 +27,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(message) => {
-            eprintln!("dev-token: {message}\nusage: dev-token [SCOPES] [--ttl SECONDS] | dev-token --jwks");
+            eprintln!("dev-token: {message}\nusage: dev-token [SCOPES] [--ttl SECONDS] [--count N] | dev-token --jwks");
             ExitCode::FAILURE
         }
     }
@@ -37,6 +38,7 @@ fn run(args: Vec<String>) -> Result<String, String> {
     let key = EncodingKey::from_ec_pem(pem).map_err(|err| format!("the development key is unusable: {err}"))?;
     let mut scopes = testkit::auth::ALL_SCOPES.to_owned();
     let mut ttl: u64 = 12 * 3600;
+    let mut count: u32 = 1;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -52,16 +54,23 @@ fn run(args: Vec<String>) -> Result<String, String> {
             "--ttl" => {
                 ttl = args.next().and_then(|value| value.parse().ok()).ok_or("--ttl needs a number of seconds")?;
             }
+            "--count" => {
+                count = args.next().and_then(|value| value.parse().ok()).ok_or("--count needs a number")?;
+            }
             other if other.starts_with('-') => return Err(format!("unknown option {other}")),
             other => scopes = other.to_owned(),
         }
     }
     let now = testkit::auth::now();
-    let claims = json!({"iss": DEV_ISSUER, "aud": DEV_AUDIENCE, "client_id": DEV_CLIENT, "sub": DEV_CLIENT,
-                        "scope": scopes, "iat": now, "nbf": now, "exp": now + ttl});
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some(DEV_KID.to_owned());
-    jsonwebtoken::encode(&header, &claims, &key).map_err(|err| err.to_string())
+    let tokens = (0..count).map(|n| {
+        // `jti` makes each of several tokens different (same client, so one rate-limit budget).
+        let claims = json!({"iss": DEV_ISSUER, "aud": DEV_AUDIENCE, "client_id": DEV_CLIENT, "sub": DEV_CLIENT,
+                            "scope": scopes, "iat": now, "nbf": now, "exp": now + ttl, "jti": n});
+        jsonwebtoken::encode(&header, &claims, &key).map_err(|err| err.to_string())
+    });
+    Ok(tokens.collect::<Result<Vec<_>, _>>()?.join("\n"))
 }
 
 #[cfg(test)]
@@ -87,5 +96,8 @@ mod tests {
         assert_eq!((claims["iss"].as_str(), claims["scope"].as_str()), (Some(DEV_ISSUER), Some("users:read")));
         assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 60);
         assert!(run(vec!["--ttl".into()]).is_err());
+        let many = run(vec!["--count".into(), "3".into()]).unwrap();
+        let distinct: std::collections::HashSet<&str> = many.lines().collect();
+        assert_eq!(distinct.len(), 3);
     }
 }
