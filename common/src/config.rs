@@ -80,6 +80,9 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
 }
 
+/// Highest `RATE_LIMIT_RPS`.
+pub const MAX_RATE_LIMIT_RPS: u32 = 100_000;
+
 /// The api's per-client rate limit (SPEC §8).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitConfig {
@@ -421,6 +424,11 @@ impl AuthConfig {
 impl RateLimitConfig {
     fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
         let rps = NonZeroU32::new(env.parse("RATE_LIMIT_RPS", 0)?);
+        // Redis keeps each bucket's time as milliseconds since the epoch in a double: beyond this the
+        // emission interval nears its resolution. Per client, more would be no limit anyway.
+        if rps.is_some_and(|rps| rps.get() > MAX_RATE_LIMIT_RPS) {
+            return Err(env.invalid("RATE_LIMIT_RPS", format!("at most {MAX_RATE_LIMIT_RPS} (0 turns the limit off)")));
+        }
         let burst = env.parse("RATE_LIMIT_BURST", rps.unwrap_or(NonZeroU32::MIN))?;
         let trusted_proxies = env
             .optional("TRUSTED_PROXIES")
@@ -573,6 +581,7 @@ mod tests {
             ("EVENT_MAX_DATA_BYTES", "64k"),
             ("RATE_LIMIT_RPS", "-5"),
             ("RATE_LIMIT_BURST", "0"),
+            ("RATE_LIMIT_RPS", "100001"),
             ("TRUSTED_PROXIES", "10.0.0.0/8, nonsense"),
         ] {
             let err = config(&[(var, value)]).unwrap_err();

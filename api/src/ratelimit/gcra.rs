@@ -3,24 +3,30 @@
 //! interval later; a client whose TAT lies more than the bucket's worth of intervals ahead is over
 //! its limit. Times are milliseconds. [`SHARED_SCRIPT`] is the same arithmetic run atomically in
 //! Redis (all replicas share one TAT per client); [`Rate::take`] runs it in memory when Redis is away.
+//!
+//! Precision: both work with how far ahead of now a TAT is (small numbers) rather than with two
+//! epoch times (large ones, whose difference loses digits), Redis's clock counts from 2023-11-14
+//! rather than 1970, and a hundredth of a unit of slack keeps rounding from making a whole bucket one
+//! unit short, down to the 10 µs interval of the highest `RATE_LIMIT_RPS`.
 
 /// The Lua twin of [`Rate::take`], on Redis's clock. `KEYS[1]`: the client's TAT; `ARGV`: emission
 /// interval (ms), burst, units wanted. Grants as many of the wanted units as the bucket holds and
 /// returns `{granted, remaining, reset_ms, retry_after_ms}`.
 pub const SHARED_SCRIPT: &str = r"
 local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local now = (tonumber(clock[1]) - 1700000000) * 1000 + tonumber(clock[2]) / 1000
 local interval, burst, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
--- Never further ahead than a full bucket: a TAT stored under a looser, older limit does not refuse longer.
-local tat = math.min(math.max(tonumber(redis.call('GET', KEYS[1]) or 0), now), now + burst * interval)
-local available = math.floor((now + burst * interval - tat) / interval)
+-- How far ahead of now the client's TAT is: 0 when idle, never more than a full bucket (a TAT stored
+-- under a looser, older limit must not refuse longer).
+local debt = math.min(math.max(tonumber(redis.call('GET', KEYS[1]) or 0) - now, 0), burst * interval)
+local available = math.floor((burst * interval - debt) / interval + 0.01)
 local granted = math.max(0, math.min(wanted, available))
 if granted == 0 then
-  return {0, 0, math.ceil(tat - now), math.ceil(tat - now - (burst - 1) * interval)}
+  return {0, 0, math.ceil(debt), math.ceil(debt - (burst - 1) * interval)}
 end
-tat = tat + granted * interval
-redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now))
-return {granted, available - granted, math.ceil(tat - now), 0}
+debt = debt + granted * interval
+redis.call('SET', KEYS[1], string.format('%.6f', now + debt), 'PX', math.max(1, math.ceil(debt)))
+return {granted, available - granted, math.ceil(debt), 0}
 ";
 
 /// A limit: one request per `interval_ms` sustained, `burst` (at least 1) at once.
@@ -61,16 +67,18 @@ impl Rate {
 
     /// Takes up to `wanted` units from the bucket whose TAT is `*tat`, at `now`; moves the TAT.
     pub fn take(&self, tat: &mut f64, now: f64, wanted: u32) -> Grant {
-        let start = tat.max(now).min(now + f64::from(self.burst) * self.interval_ms);
-        let available = ((now + f64::from(self.burst) * self.interval_ms - start) / self.interval_ms).floor();
-        let available = available.max(0.0) as u32;
+        let full = f64::from(self.burst) * self.interval_ms;
+        let debt = (*tat - now).clamp(0.0, full);
+        // A hundredth of a unit of slack: rounding must never make a whole bucket one unit short.
+        let available = ((full - debt) / self.interval_ms + 0.01).floor() as u32;
         let granted = wanted.min(available);
         if granted == 0 {
-            let retry_after_ms = start - now - f64::from(self.burst - 1) * self.interval_ms;
-            return Grant { granted: 0, remaining: 0, reset_ms: start - now, retry_after_ms };
+            let retry_after_ms = debt - f64::from(self.burst - 1) * self.interval_ms;
+            return Grant { granted: 0, remaining: 0, reset_ms: debt, retry_after_ms };
         }
-        *tat = start + f64::from(granted) * self.interval_ms;
-        Grant { granted, remaining: available - granted, reset_ms: *tat - now, retry_after_ms: 0.0 }
+        let debt = debt + f64::from(granted) * self.interval_ms;
+        *tat = now + debt;
+        Grant { granted, remaining: available - granted, reset_ms: debt, retry_after_ms: 0.0 }
     }
 }
 
@@ -86,7 +94,7 @@ mod tests {
         assert_eq!(grants, [1, 1, 1, 0]);
         let refused = rate.take(&mut tat, 1000.0, 1);
         assert_eq!((refused.retry_after_ms, refused.reset_ms), (100.0, 300.0));
-        assert_eq!(rate.take(&mut tat, 1099.0, 1).granted, 0);
+        assert_eq!(rate.take(&mut tat, 1098.0, 1).granted, 0); // (the slack: at most 1 % of an interval early)
         assert_eq!(rate.take(&mut tat, 1100.0, 1).granted, 1);
         // Idle for long enough, the bucket is full again (and no fuller).
         assert_eq!(rate.take(&mut tat, 5000.0, 10).granted, 3);

@@ -172,9 +172,11 @@ async fn one_request_id_follows_an_event_through_both_binaries_and_no_log_line_h
     let bad = serde_json::json!({"email": format!("not an email {email}")});
     let invalid = stack.client.put(format!("{base}/api/v1/users/{user_id}")).json(&bad).send().await.unwrap();
     assert_eq!(invalid.status(), 400);
+    let token = testkit::auth::token(testkit::auth::ALL_SCOPES);
     let event = stack
         .client
         .post(format!("{base}/api/v1/events"))
+        .bearer_auth(&token)
         .header("x-request-id", "trace-abc-123")
         .json(&serde_json::json!({"user_id": user_id, "type": "login", "data": {"email": email}}))
         .send()
@@ -199,9 +201,13 @@ async fn one_request_id_follows_an_event_through_both_binaries_and_no_log_line_h
         assert!(parsed["level"].is_string() && parsed["timestamp"].is_string(), "{line}");
         assert!(!line.contains(&email), "{binary} logged an email: {line}");
         assert!(!line.contains(secret), "{binary} logged a secret: {line}");
+        assert!(!line.contains(token.rsplit('.').next().unwrap()), "{binary} logged the bearer token: {line}");
     }
     let traced: Vec<&(&str, String)> = lines.iter().filter(|(_, line)| line.contains("trace-abc-123")).collect();
     assert!(traced.iter().any(|(b, l)| *b == "api" && l.contains("request completed")), "api request line: {traced:?}");
+    // The request line names the caller (the token's client_id), never the token.
+    let client = format!(r#""client_id":"{}""#, testkit::auth::CLIENT_ID);
+    assert!(traced.iter().any(|(b, l)| *b == "api" && l.contains(&client)), "client_id in {traced:?}");
     assert!(
         traced.iter().any(|(b, l)| *b == "worker" && l.contains("event finished")),
         "worker event line: {traced:?}"
