@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use common::metrics::{LATENCY_BUCKETS, register};
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
+use common::metrics::{LATENCY_BUCKETS, Registrar};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 use crate::db::DbPool;
 use crate::routes::{Endpoint, Routes};
@@ -59,116 +57,58 @@ impl ApiMetrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let registry = common::metrics::registry();
-        let r = &registry;
+        let r = Registrar(&registry);
         let mut metrics = Self {
             endpoints: Vec::new(),
-            http_requests: register(
-                r,
-                IntCounterVec::new(
-                    Opts::new("http_requests_total", "HTTP requests by route template, method and status class"),
-                    &["route", "method", "status"],
-                )
-                .expect("valid"),
+            http_requests: r.counter_vec(
+                "http_requests_total",
+                "HTTP requests by route template, method and status class",
+                &["route", "method", "status"],
             ),
-            http_duration: register(
-                r,
-                HistogramVec::new(
-                    HistogramOpts::new("http_request_duration_seconds", "HTTP request latency")
-                        .buckets(LATENCY_BUCKETS.to_vec()),
-                    &["route", "method"],
-                )
-                .expect("valid"),
+            http_duration: r.histogram_vec(
+                "http_request_duration_seconds",
+                "HTTP request latency",
+                &["route", "method"],
+                LATENCY_BUCKETS,
             ),
-            http_in_flight: register(
-                r,
-                IntGauge::new(
-                    "http_requests_in_flight",
-                    "Requests holding a MAX_INFLIGHT_REQUESTS permit (probes and scrapes are not counted)",
-                )
-                .expect("valid"),
+            http_in_flight: r.gauge(
+                "http_requests_in_flight",
+                "Requests holding a MAX_INFLIGHT_REQUESTS permit (probes and scrapes are not counted)",
             ),
-            http_rejected: register(
-                r,
-                IntCounter::new(
-                    "http_requests_rejected_total",
-                    "Requests refused because MAX_INFLIGHT_REQUESTS were in flight",
-                )
-                .expect("valid"),
+            http_rejected: r.counter(
+                "http_requests_rejected_total",
+                "Requests refused because MAX_INFLIGHT_REQUESTS were in flight",
             ),
-            cache: register(
-                r,
-                IntCounterVec::new(
-                    Opts::new("cache_operations_total", "User cache operations by operation and result"),
-                    &["operation", "result"],
-                )
-                .expect("valid"),
+            cache: r.counter_vec(
+                "cache_operations_total",
+                "User cache operations by operation and result",
+                &["operation", "result"],
             ),
-            outbox_backlog: register(
-                r,
-                IntGauge::new("outbox_backlog", "Outbox rows not yet published (sampled at scrape)").expect("valid"),
+            outbox_backlog: r.gauge("outbox_backlog", "Outbox rows not yet published (sampled at scrape)"),
+            outbox_published: r.counter("outbox_published_total", "Outbox messages acknowledged by Kafka"),
+            outbox_failed: r
+                .counter("outbox_publish_failures_total", "Outbox messages Kafka did not acknowledge (retried)"),
+            auth_rejections: r.counter_vec(
+                "auth_rejections_total",
+                "Requests refused by authentication, by reason",
+                &["reason"],
             ),
-            outbox_published: register(
-                r,
-                IntCounter::new("outbox_published_total", "Outbox messages acknowledged by Kafka").expect("valid"),
+            jwks_refreshes: r.counter_vec(
+                "auth_jwks_refreshes_total",
+                "Loads of the issuer's JWK Set by trigger and result",
+                &["trigger", "result"],
             ),
-            outbox_failed: register(
-                r,
-                IntCounter::new("outbox_publish_failures_total", "Outbox messages Kafka did not acknowledge (retried)")
-                    .expect("valid"),
+            jwks_keys: r.gauge("auth_jwks_keys", "Usable signing keys in the loaded JWK Set"),
+            rate_limit_decisions: r.counter_vec(
+                "rate_limit_decisions_total",
+                "Rate-limited requests by decision and by source (shared in Redis, or local while Redis is away)",
+                &["decision", "source"],
             ),
-            auth_rejections: register(
-                r,
-                IntCounterVec::new(
-                    Opts::new("auth_rejections_total", "Requests refused by authentication, by reason"),
-                    &["reason"],
-                )
-                .expect("valid"),
-            ),
-            jwks_refreshes: register(
-                r,
-                IntCounterVec::new(
-                    Opts::new("auth_jwks_refreshes_total", "Loads of the issuer's JWK Set by trigger and result"),
-                    &["trigger", "result"],
-                )
-                .expect("valid"),
-            ),
-            jwks_keys: register(
-                r,
-                IntGauge::new("auth_jwks_keys", "Usable signing keys in the loaded JWK Set").expect("valid"),
-            ),
-            rate_limit_decisions: register(
-                r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "rate_limit_decisions_total",
-                        "Rate-limited requests by decision and by source (shared in Redis, or local while Redis is away)",
-                    ),
-                    &["decision", "source"],
-                )
-                .expect("valid"),
-            ),
-            db_connections: register(
-                r,
-                IntGaugeVec::new(Opts::new("db_pool_connections", "PostgreSQL pool connections by state"), &["state"])
-                    .expect("valid"),
-            ),
-            db_max_connections: register(
-                r,
-                IntGauge::new("db_pool_max_connections", "PostgreSQL pool size limit").expect("valid"),
-            ),
-            db_waits: register(
-                r,
-                IntCounter::new("db_pool_waits_total", "Checkouts that had to wait for a connection").expect("valid"),
-            ),
-            db_timeouts: register(
-                r,
-                IntCounter::new("db_pool_timeouts_total", "Checkouts that timed out (answered 503)").expect("valid"),
-            ),
-            db_wait_seconds: register(
-                r,
-                prometheus::Counter::new("db_pool_wait_seconds_total", "Time spent waiting for connections")
-                    .expect("valid"),
-            ),
+            db_connections: r.gauge_vec("db_pool_connections", "PostgreSQL pool connections by state", &["state"]),
+            db_max_connections: r.gauge("db_pool_max_connections", "PostgreSQL pool size limit"),
+            db_waits: r.counter("db_pool_waits_total", "Checkouts that had to wait for a connection"),
+            db_timeouts: r.counter("db_pool_timeouts_total", "Checkouts that timed out (answered 503)"),
+            db_wait_seconds: r.float_counter("db_pool_wait_seconds_total", "Time spent waiting for connections"),
             registry,
         };
         for (endpoint, template, method) in Routes::endpoints() {

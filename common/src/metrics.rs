@@ -1,7 +1,11 @@
 //! Prometheus plumbing shared by both binaries: a registry with the process collector (CPU, memory,
 //! file descriptors), the text encoding served at `/metrics`, and bucket layouts.
 
-use prometheus::{Encoder, Registry, TextEncoder};
+use prometheus::core::Collector;
+use prometheus::{
+    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 
 /// Latency buckets in seconds: fine below 10 ms (cache hits, PK lookups) so p50/p95/p99 of a fast
 /// service are readable, coarse up to the request timeout.
@@ -24,10 +28,51 @@ pub fn encode(registry: &Registry) -> String {
     String::from_utf8(buffer).unwrap_or_default()
 }
 
-/// Registers a metric, panicking on a programming error (a duplicate or malformed metric) at start.
-pub fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
-    registry.register(Box::new(metric.clone())).expect("metric definitions are valid and unique");
-    metric
+/// Makes metrics and registers them on one registry. Every method panics only on a programming error
+/// (a duplicate or malformed definition), which shows at start and in every test.
+pub struct Registrar<'a>(pub &'a Registry);
+
+impl Registrar<'_> {
+    /// An integer counter.
+    pub fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.register(IntCounter::new(name, help))
+    }
+
+    /// An integer counter per label values.
+    pub fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.register(IntCounterVec::new(Opts::new(name, help), labels))
+    }
+
+    /// A counter of fractional amounts (seconds).
+    pub fn float_counter(&self, name: &str, help: &str) -> Counter {
+        self.register(Counter::new(name, help))
+    }
+
+    /// An integer gauge.
+    pub fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.register(IntGauge::new(name, help))
+    }
+
+    /// An integer gauge per label values.
+    pub fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.register(IntGaugeVec::new(Opts::new(name, help), labels))
+    }
+
+    /// A histogram with these bucket bounds.
+    pub fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+        self.register(Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())))
+    }
+
+    /// A histogram per label values.
+    pub fn histogram_vec(&self, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+        self.register(HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels))
+    }
+
+    fn register<M: Collector + Clone + 'static>(&self, metric: prometheus::Result<M>) -> M {
+        let metric = metric.expect("metric definitions are valid");
+        self.0.register(Box::new(metric.clone())).expect("metric names are unique");
+        metric
+    }
 }
 
 /// The content type of [`encode`]'s output.

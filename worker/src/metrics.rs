@@ -1,9 +1,7 @@
 //! The worker's Prometheus metrics (SPEC §6).
 
-use common::metrics::{LATENCY_BUCKETS, register};
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
+use common::metrics::{LATENCY_BUCKETS, Registrar};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 /// Every metric the worker exports.
 pub struct WorkerMetrics {
@@ -31,54 +29,20 @@ impl WorkerMetrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let registry = common::metrics::registry();
-        let r = &registry;
+        let r = Registrar(&registry);
         Self {
-            consumed: register(
-                r,
-                IntCounter::new("worker_events_consumed_total", "Messages received from Kafka").expect("valid"),
+            consumed: r.counter("worker_events_consumed_total", "Messages received from Kafka"),
+            finished: r.counter_vec("worker_events_finished_total", "Messages finished, by outcome", &["outcome"]),
+            retried: r.counter_vec("worker_events_retried_total", "Failed attempts retried", &["reason"]),
+            processing: r.histogram("worker_event_processing_seconds", "Receipt to committed effects", LATENCY_BUCKETS),
+            age: r.histogram_vec(
+                "worker_event_age_seconds",
+                "Age of an applied event at each stage",
+                &["stage"],
+                AGE_BUCKETS,
             ),
-            finished: register(
-                r,
-                IntCounterVec::new(
-                    Opts::new("worker_events_finished_total", "Messages finished, by outcome"),
-                    &["outcome"],
-                )
-                .expect("valid"),
-            ),
-            retried: register(
-                r,
-                IntCounterVec::new(Opts::new("worker_events_retried_total", "Failed attempts retried"), &["reason"])
-                    .expect("valid"),
-            ),
-            processing: register(
-                r,
-                Histogram::with_opts(
-                    HistogramOpts::new("worker_event_processing_seconds", "Receipt to committed effects")
-                        .buckets(LATENCY_BUCKETS.to_vec()),
-                )
-                .expect("valid"),
-            ),
-            age: register(
-                r,
-                HistogramVec::new(
-                    HistogramOpts::new("worker_event_age_seconds", "Age of an applied event at each stage")
-                        .buckets(AGE_BUCKETS.to_vec()),
-                    &["stage"],
-                )
-                .expect("valid"),
-            ),
-            in_flight: register(
-                r,
-                IntGauge::new("worker_events_in_flight", "Messages received and not yet finished").expect("valid"),
-            ),
-            lag: register(
-                r,
-                IntGaugeVec::new(
-                    Opts::new("kafka_consumer_lag", "End offset minus committed offset, per partition"),
-                    &["partition"],
-                )
-                .expect("valid"),
-            ),
+            in_flight: r.gauge("worker_events_in_flight", "Messages received and not yet finished"),
+            lag: r.gauge_vec("kafka_consumer_lag", "End offset minus committed offset, per partition", &["partition"]),
             registry,
         }
     }

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,8 @@ pub struct KeySet {
     source: JwksSource,
     http: reqwest::Client,
     current: RwLock<Option<Arc<Keys>>>,
+    /// The current set's generation plus one (0: none loaded), readable without the lock on every request.
+    generation: AtomicU64,
     /// When a token with an unknown `kid` last caused a refresh.
     unknown_kid_refreshed: Mutex<Option<Instant>>,
     /// Held by whichever refresh runs, so they run one at a time and a slow one cannot overwrite the
@@ -98,6 +101,7 @@ impl KeySet {
             source: config.jwks.clone(),
             http,
             current: RwLock::new(None),
+            generation: AtomicU64::new(0),
             unknown_kid_refreshed: Mutex::new(None),
             refreshing: tokio::sync::Mutex::new(()),
             last_error: RwLock::new(None),
@@ -115,7 +119,12 @@ impl KeySet {
 
     /// Whether a set has been loaded.
     pub fn is_loaded(&self) -> bool {
-        self.current().is_some()
+        self.generation().is_some()
+    }
+
+    /// The current set's generation, if one was loaded.
+    pub fn generation(&self) -> Option<u64> {
+        self.generation.load(Ordering::Acquire).checked_sub(1)
     }
 
     /// The last refresh's error, if it failed.
@@ -157,6 +166,7 @@ impl KeySet {
                     let generation = current.as_ref().map_or(0, |keys| keys.generation + 1);
                     tracing::info!(keys = count, generation, "loaded the issuer's key set");
                     *current = Some(Arc::new(Keys { by_kid: loaded, generation, fingerprint }));
+                    self.generation.store(generation + 1, Ordering::Release);
                 }
                 self.key_count.set(i64::try_from(count).unwrap_or(i64::MAX));
                 if let Ok(mut error) = self.last_error.write() {

@@ -88,7 +88,7 @@ impl Verifier {
     /// The caller and the scopes its token grants, or why the token is refused.
     pub async fn verify(&self, token: &str) -> Result<(Client, Scopes), Rejection> {
         let now = jsonwebtoken::get_current_timestamp();
-        let generation = self.keys.current().map(|keys| keys.generation);
+        let generation = self.keys.generation();
         let digest = digest(token);
         if let Some(verified) = self.remembered(&digest)
             && Some(verified.generation) == generation

@@ -219,8 +219,13 @@ impl RateLimiter {
             state.refused_until_ms = now + grant.retry_after_ms;
             return self.decision(false, 0, grant.reset_ms, grant.retry_after_ms);
         }
-        // This request takes one unit; the rest wait here for the client's next requests.
-        state.leased = grant.granted - 1;
+        // This request takes one unit; the rest join what this replica holds for the client. Requests
+        // that missed at the same moment each fetched a batch, and none of those units may be lost:
+        // they are gone from the shared bucket either way.
+        if now >= state.lease_expires_ms {
+            state.leased = 0;
+        }
+        state.leased += grant.granted - 1;
         state.lease_expires_ms = now + LEASE_MS;
         state.remaining = grant.remaining + state.leased;
         self.decision(true, state.remaining, grant.reset_ms, 0.0)

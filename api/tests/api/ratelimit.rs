@@ -105,6 +105,31 @@ async fn under_load_two_replicas_together_never_admit_more_than_the_limit() {
     assert!(allowed as f64 >= 0.5 * ceiling, "{allowed} admitted, far below the limit's {ceiling:.0}");
 }
 
+/// Requests of one client that miss this replica's leased units at the same moment each fetch a
+/// batch; every unit fetched must be used, or a client well within its budget would be refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_within_the_burst_are_never_refused() {
+    let first = spawn_app_with(&[("RATE_LIMIT_RPS", "2000"), ("RATE_LIMIT_BURST", "2000")]).await;
+    let second = spawn_replica(&first).await;
+    let refused = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for n in 0..16 {
+        let url = if n % 2 == 0 { first.url("/api/v1/users/x") } else { second.url("/api/v1/users/x") };
+        let (client, refused) = (first.client.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..90 {
+                if client.get(&url).send().await.unwrap().status() == 429 {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(refused.load(Ordering::Relaxed), 0, "1,440 requests within a burst of 2,000 were refused");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn with_redis_cut_each_replica_limits_locally_and_never_fails_or_stalls() {
     let proxy = crate::cache::redis_proxy().await;
