@@ -7,10 +7,11 @@ pub mod relay;
 use common::db::models::{EventRow, NewOutboxRow, UserRow};
 use common::db::prepared::Bind;
 use common::db::schema::outbox;
-use common::kafka::EventMessage;
+use common::kafka::{EventMessage, lifecycle};
 use common::wire::User;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde_json::value::RawValue;
+use uuid::Uuid;
 
 use crate::http::error::ApiError;
 
@@ -47,16 +48,48 @@ pub fn client_event(event: &EventRow, request_id: &str) -> Result<NewOutboxRow, 
     )
 }
 
-/// The outbox row announcing a `user_*` lifecycle event; `data` is the user's fields.
+/// The outbox row announcing `user_created` or `user_updated`; `data` is the user's fields.
 pub fn lifecycle_event(event_type: &str, user: &UserRow, request_id: &str) -> Result<NewOutboxRow, ApiError> {
     let data =
         serde_json::value::to_raw_value(&User::from(user.clone())).map_err(|err| ApiError::Internal(err.into()))?;
-    let timestamp =
-        if event_type == common::kafka::lifecycle::USER_DELETED { chrono::Utc::now() } else { user.updated_at };
-    row(
-        EventMessage { id: uuid::Uuid::now_v7(), user_id: user.id, event_type: event_type.to_owned(), data, timestamp },
-        request_id,
+    let message = EventMessage {
+        id: Uuid::now_v7(),
+        user_id: user.id,
+        event_type: event_type.to_owned(),
+        data,
+        timestamp: user.updated_at,
+    };
+    row(message, request_id)
+}
+
+/// The outbox row announcing `user_deleted`: its `data` is `{"id": …}` and nothing else (SPEC §9).
+pub fn user_deleted(user_id: Uuid, request_id: &str) -> Result<NewOutboxRow, ApiError> {
+    let data = id_only(user_id)?;
+    let event_type = lifecycle::USER_DELETED.to_owned();
+    row(EventMessage { id: Uuid::now_v7(), user_id, event_type, data, timestamp: chrono::Utc::now() }, request_id)
+}
+
+/// Strips a deleted user's `user_created` and `user_updated` messages still waiting in the outbox down
+/// to `{"id": …}` (call in the transaction that deletes the user), so that no email or name leaves the
+/// service after the deletion (SPEC §9). A batch the relay read just before the deletion committed may
+/// still be on its way to Kafka as it was: it was produced before, not after.
+pub async fn forget_user(conn: &mut AsyncPgConnection, user_id: Uuid) -> Result<(), ApiError> {
+    let id_only = id_only(user_id)?.get().to_owned();
+    diesel::sql_query(
+        "UPDATE outbox SET payload = jsonb_set(payload::jsonb, '{data}', $2::jsonb)::text \
+         WHERE user_id = $1 AND event_type IN ($3, $4)",
     )
+    .bind::<diesel::sql_types::Uuid, _>(user_id)
+    .bind::<diesel::sql_types::Text, _>(id_only)
+    .bind::<diesel::sql_types::Text, _>(lifecycle::USER_CREATED)
+    .bind::<diesel::sql_types::Text, _>(lifecycle::USER_UPDATED)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+fn id_only(user_id: Uuid) -> Result<Box<RawValue>, ApiError> {
+    serde_json::value::to_raw_value(&serde_json::json!({ "id": user_id })).map_err(|err| ApiError::Internal(err.into()))
 }
 
 fn row(message: EventMessage, request_id: &str) -> Result<NewOutboxRow, ApiError> {

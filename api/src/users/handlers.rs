@@ -82,14 +82,15 @@ pub async fn update(
     Ok(response::json_bytes(StatusCode::OK, body))
 }
 
-/// `DELETE /api/v1/users/{id}`: the user (its events and stats cascade) and its `user_deleted` event
-/// in one transaction.
+/// `DELETE /api/v1/users/{id}`: the user (its events and stats cascade), its personal data in messages
+/// not yet published, and its `user_deleted` event (the id only), in one transaction.
 pub async fn delete(state: &AppState, request_id: &str, id: Uuid) -> Result<HttpResponse, ApiError> {
     let request_id = request_id.to_owned();
     let row = transaction(&state.db, move |conn| {
         Box::pin(async move {
             let row = repo::delete(conn, id).await?.ok_or(ApiError::NotFound("user"))?;
-            outbox::append(conn, outbox::lifecycle_event(lifecycle::USER_DELETED, &row, &request_id)?).await?;
+            outbox::forget_user(conn, id).await?;
+            outbox::append(conn, outbox::user_deleted(id, &request_id)?).await?;
             Ok(row)
         })
     })

@@ -177,6 +177,10 @@ async fn every_write_puts_its_message_in_the_outbox_in_the_same_transaction() {
     let event: Value = response.json().await.unwrap();
     assert_eq!(app.put(&path, json!({"first_name": "Q\"uote"})).await.0, 200);
     assert_eq!(app.put(&path, json!({"email": "bad"})).await.0, 400, "a rejected write adds nothing");
+    let before_delete = outbox_entries(&app).await;
+    let updated: Value = serde_json::from_str(&before_delete[2].payload).unwrap();
+    assert_eq!(updated["data"]["first_name"], "Q\"uote", "lifecycle data is the user's fields, escaped");
+    assert_eq!(updated["data"]["email"], email.as_str());
     assert_eq!(app.delete(&path).await, 204);
 
     let entries = outbox_entries(&app).await;
@@ -191,9 +195,15 @@ async fn every_write_puts_its_message_in_the_outbox_in_the_same_transaction() {
     assert_eq!(purchase["data"], json!({"sku": "x\"y"}));
     assert_eq!(purchase["timestamp"], event["created_at"]);
 
-    let updated: Value = serde_json::from_str(&entries[2].payload).unwrap();
-    assert_eq!(updated["data"]["first_name"], "Q\"uote", "lifecycle data is the user's fields, escaped");
-    assert_eq!(updated["data"]["email"], email.as_str());
+    // The user is deleted: the messages about it not yet published keep only its id (SPEC §9).
+    for entry in &entries {
+        assert!(!entry.payload.contains(&email) && !entry.payload.contains("uote"), "personal data: {}", entry.payload);
+    }
+    for lifecycle in [&entries[0], &entries[2], &entries[3]] {
+        let message: Value = serde_json::from_str(&lifecycle.payload).unwrap();
+        assert_eq!(message["data"], json!({"id": user_id}), "{}", lifecycle.payload);
+        assert_eq!(message["user_id"], user_id);
+    }
 
     // The user's events went with the user.
     let (status, _) = app.get(&format!("/api/v1/events/{}", event["id"].as_str().unwrap())).await;
