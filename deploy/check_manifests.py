@@ -46,12 +46,6 @@ K8S = ROOT / "k8s"
 DEV_ISSUER = "highload-microservice-dev"
 REQUIRED = ["AUTH_ISSUER", "AUTH_AUDIENCE", "DB_HOST", "DB_USER", "DB_PASSWORD", "DB_NAME", "REDIS_HOST", "KAFKA_BROKERS", "KAFKA_TOPIC",
             "KAFKA_GROUP_ID", "SERVER_PORT", "WORKER_HTTP_PORT", "LOG_FORMAT"]
-# SPEC §9 variables that the manifests and env.example set before common/src/config.rs reads them (the
-# code of issue 15 is written alongside). Each counts as read until config.rs reads it; from then on
-# its entry here is reported, so the list cannot outlive its reason.
-AWAITED = {"DB_MIGRATION_USER", "DB_MIGRATION_PASSWORD", "DB_SSLROOTCERT", "REDIS_USERNAME", "REDIS_TLS", "REDIS_CA_CERT",
-           "KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
-           "KAFKA_SSL_CA_LOCATION"}
 
 # What the Ingress may publish (SPEC §8): the API and its document, never /metrics or the detailed /health.
 PUBLIC_PATHS = {("/api/v1/", "Prefix"), ("/openapi.json", "Exact")}
@@ -509,9 +503,7 @@ def check(model):
         model["variables"], model["kustomization"], model["documents"], model["optional"], model["compose"])
     if len(variables) < 20:
         fail(f"found only {len(variables)} variables in common/src/config.rs; the parser is broken")
-    for key in sorted(AWAITED & variables):
-        fail(f"common/src/config.rs reads {key} now: remove it from AWAITED in deploy/check_manifests.py")
-    known = variables | AWAITED
+    known = variables
     namespace = kustomization.get("namespace", "default")
     deployments = by_kind(documents, "Deployment")
     configmaps = by_kind(documents, "ConfigMap")
@@ -639,7 +631,7 @@ def check(model):
     for key in re.findall(r"^([A-Z][A-Z0-9_]+)=", example, re.M):
         if key not in known:
             fail(f"env.example documents {key}, which the configuration does not read")
-    for key in variables | AWAITED:
+    for key in variables:
         if not re.search(rf"^{key}=", example, re.M):
             fail(f"env.example does not document {key}")
 

@@ -41,8 +41,9 @@ ensure_packages() {
 
 # Debian packages the build and these scripts need.
 ensure_system_packages() {
-  # cmake + zlib/curl headers build rdkafka's bundled librdkafka (SPEC §7).
-  ensure_packages postgresql redis-server cmake pkg-config zlib1g-dev libcurl4-openssl-dev
+  # cmake + zlib/curl/OpenSSL headers build rdkafka's bundled librdkafka (SPEC §7); socat terminates
+  # TLS in front of the test broker.
+  ensure_packages postgresql redis-server cmake pkg-config zlib1g-dev libcurl4-openssl-dev libssl-dev socat
   python3 -c 'import venv, ensurepip' 2>/dev/null || ensure_packages python3-venv
 }
 
@@ -89,6 +90,13 @@ prune_images() {
 # A database of its own for a check, and its removal (FORCE: connections left by a failed run too).
 create_database() { psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE \"$1\""; }
 drop_database() { psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$1\" WITH (FORCE)"; }
+# The role the binaries run as on this machine: DML on the service's tables only, which `api migrate`
+# (run as the owner, postgres) grants it (SPEC §9). Trust authentication here: no password needed.
+RUNTIME_ROLE=highload_app
+ensure_runtime_role() {
+  psql -h 127.0.0.1 -U postgres -d postgres -qc \
+    "DO \$\$ BEGIN CREATE ROLE $RUNTIME_ROLE LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END \$\$"
+}
 
 ensure_postgres() {
   if pg_isready -q -h 127.0.0.1 -p 5432; then return; fi

@@ -2,11 +2,10 @@
 
 use anyhow::Context;
 use common::config::DatabaseConfig;
+use common::postgres::Connector;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::pooled_connection::PoolError;
-use diesel_async::{
-    AnsiTransactionManager, AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, TransactionManager,
-};
+use diesel_async::{AnsiTransactionManager, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, TransactionManager};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::future::BoxFuture;
 
@@ -24,15 +23,18 @@ const MIGRATION_LOCK_KEY: i64 = 0x0068_6c6d_736d_6967;
 const APPLICATION_NAME: &str = "highload-api";
 
 /// Builds the api's pool (see [`common::pool::build`]).
-pub fn pool(config: &DatabaseConfig) -> DbPool {
+pub fn pool(config: &DatabaseConfig) -> anyhow::Result<DbPool> {
     common::pool::build(config, APPLICATION_NAME)
 }
 
-/// Applies pending migrations, holding a PostgreSQL advisory lock so that concurrent starts take turns.
+/// Applies pending migrations as the schema's owner (`DB_MIGRATION_USER`), holding a PostgreSQL
+/// advisory lock so that concurrent starts take turns, then grants the running binaries' role
+/// (`DB_USER`) what they need when it is another role: DML on the service's tables, nothing more.
 pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<()> {
-    let conninfo = config.connection_string(APPLICATION_NAME);
-    let mut conn =
-        AsyncPgConnection::establish(&conninfo).await.context("failed to connect to PostgreSQL to run migrations")?;
+    let mut conn = Connector::new(&config.as_migration_owner(), APPLICATION_NAME)?
+        .connect()
+        .await
+        .context("failed to connect to PostgreSQL to run migrations")?;
     diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
         .execute(&mut conn)
         .await
@@ -46,12 +48,35 @@ pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<()> {
         .map(ToString::to_string)
         .collect::<Vec<_>>();
     let mut conn = harness.into_inner();
+    if config.user != config.migration_user {
+        grant_dml(&mut conn, &config.user).await?;
+    }
     // Closing the session would release the lock too; unlocking says so explicitly.
     diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
         .execute(&mut conn)
         .await
         .context("failed to release the migration lock")?;
     tracing::info!(migrations.applied = ?applied, "database schema is up to date");
+    Ok(())
+}
+
+/// Grants `role` DML on every table and sequence of the schema, and only reading of the migrations'
+/// own bookkeeping. Run after each migration, so tables added later are granted too.
+async fn grant_dml(conn: &mut AsyncPgConnection, role: &str) -> anyhow::Result<()> {
+    let role = format!("\"{}\"", role.replace('"', "\"\""));
+    let statements = [
+        format!("GRANT USAGE ON SCHEMA public TO {role}"),
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"),
+        format!("REVOKE INSERT, UPDATE, DELETE ON __diesel_schema_migrations FROM {role}"),
+        format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+    ];
+    for statement in statements {
+        diesel::sql_query(&statement)
+            .execute(conn)
+            .await
+            .with_context(|| format!("failed to grant the runtime role its privileges ({statement})"))?;
+    }
+    tracing::info!(role, "runtime role granted DML on the service's tables");
     Ok(())
 }
 

@@ -32,6 +32,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use common::config::{AuthConfig, Config};
+use common::postgres::Connector;
 use tokio::net::TcpListener;
 
 use rdkafka::producer::FutureProducer;
@@ -67,7 +68,7 @@ impl App {
         let redis = RedisClient::new(&config.redis).context("invalid Redis configuration")?;
         let cache = UserCache::new(redis.clone(), &config.redis, metrics.cache.clone());
         let rate_limiter = RateLimiter::new(&config.rate_limit, redis, &config.redis.key_prefix, &metrics);
-        let db = db::pool(&config.database);
+        let db = db::pool(&config.database).context("invalid PostgreSQL configuration")?;
         let producer: FutureProducer =
             common::kafka::producer_config(&config.kafka).create().context("invalid Kafka producer configuration")?;
         // Topics are created by whichever binary starts first; Kafka being down must not stop the api.
@@ -97,6 +98,7 @@ impl App {
             producer: common::kafka::producer_config(&self.state.config.kafka)
                 .create()
                 .context("invalid Kafka producer configuration")?,
+            connector: Connector::new(&self.state.config.database, "highload-api-outbox")?,
             config: self.state.config.clone(),
             signal: self.state.outbox_signal.clone(),
             metrics: self.state.metrics.clone(),

@@ -1,21 +1,21 @@
 //! The api's one Redis client, shared by the user cache and the rate limiter: one multiplexed
 //! connection that every request shares, each call bounded by `REDIS_TIMEOUT_MS`.
 //!
-//! The connections come from bb8-redis's manager, with a way to throw one away: bb8-redis never
-//! reports a multiplexed connection as broken, so one the network cut would stay in the pool, failing
-//! every call on it, until the process restarted (the chaos soak caught exactly that: a replica whose
-//! cache updates failed for good while the other served what they should have replaced). Each
-//! connection here carries a flag that a failed call sets; bb8 drops a flagged connection when it comes
-//! back to the pool and dials a new one.
+//! The connections come from a bb8 pool whose manager can throw one away. bb8-redis's manager was
+//! used before, but it never reports a multiplexed connection as broken, so one the network cut
+//! stayed in the pool, failing every call on it, until the process restarted (the chaos soak caught
+//! exactly that), and it cannot be given a CA bundle for TLS. Each connection here carries a flag that
+//! a failed call sets; bb8 drops a flagged connection when it comes back to the pool and dials anew.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bb8_redis::RedisConnectionManager;
+use anyhow::Context;
 use common::config::RedisConfig;
+use common::telemetry::Throttle;
 use redis::aio::MultiplexedConnection;
-use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, RedisResult};
+use redis::{ConnectionAddr, IntoConnectionInfo, RedisError, RedisResult, TlsCertificates};
 
 /// A Redis client. Cheap to clone; connects on first use.
 #[derive(Clone)]
@@ -31,7 +31,7 @@ struct Inner {
 impl RedisClient {
     /// A client for `config`'s server; nothing is dialled until the first call.
     pub fn new(config: &RedisConfig) -> anyhow::Result<Self> {
-        let manager = Manager(RedisConnectionManager::new(connection_info(config)?)?);
+        let manager = Manager { client: client(config)?, log_throttle: Throttle::new(Duration::from_secs(10)) };
         let pool = bb8::Pool::builder()
             .max_size(config.pool_max_size.get())
             .connection_timeout(config.timeout)
@@ -97,12 +97,32 @@ fn timed_out() -> RedisError {
     RedisError::from((redis::ErrorKind::Io, "timed out"))
 }
 
-fn connection_info(config: &RedisConfig) -> RedisResult<ConnectionInfo> {
+/// A client for `config`'s server: TLS with `REDIS_TLS` (the server's name always verified, against
+/// `REDIS_CA_CERT` or the system's roots), an ACL user with `REDIS_USERNAME`.
+fn client(config: &RedisConfig) -> anyhow::Result<redis::Client> {
     let mut redis_settings = redis::RedisConnectionInfo::default().set_db(i64::from(config.db));
+    if let Some(username) = &config.username {
+        redis_settings = redis_settings.set_username(username);
+    }
     if let Some(password) = &config.password {
         redis_settings = redis_settings.set_password(password.expose());
     }
-    Ok(ConnectionAddr::Tcp(config.host.clone(), config.port).into_connection_info()?.set_redis_settings(redis_settings))
+    let address = match config.tls {
+        false => ConnectionAddr::Tcp(config.host.clone(), config.port),
+        true => {
+            ConnectionAddr::TcpTls { host: config.host.clone(), port: config.port, insecure: false, tls_params: None }
+        }
+    };
+    let info = address.into_connection_info()?.set_redis_settings(redis_settings);
+    match (&config.ca_cert, config.tls) {
+        (Some(path), true) => {
+            // Checked here so that a bad file stops the start instead of failing every connection.
+            common::tls::load_roots(path).context("REDIS_CA_CERT cannot be used")?;
+            let root_cert = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            Ok(redis::Client::build_with_tls(info, TlsCertificates { client_tls: None, root_cert: Some(root_cert) })?)
+        }
+        _ => Ok(redis::Client::open(info)?),
+    }
 }
 
 /// A pooled connection: a multiplexed connection (cheap to clone, pipelines concurrent calls) and
@@ -132,18 +152,27 @@ fn breaks_connection(err: &RedisError) -> bool {
 }
 
 /// The bb8 manager of [`Connection`]s.
-struct Manager(RedisConnectionManager);
+struct Manager {
+    client: redis::Client,
+    /// Failed dials are logged at most once per 10 s.
+    log_throttle: Throttle,
+}
 
 impl bb8::ManageConnection for Manager {
     type Connection = Connection;
     type Error = RedisError;
 
     async fn connect(&self) -> Result<Connection, RedisError> {
-        Ok(Connection { redis: self.0.connect().await?, broken: Arc::new(AtomicBool::new(false)) })
+        let redis = self.client.get_multiplexed_async_connection().await.inspect_err(|err| {
+            if self.log_throttle.allow() {
+                tracing::warn!(dependency = "redis", error = %err, "cannot connect to Redis");
+            }
+        })?;
+        Ok(Connection { redis, broken: Arc::new(AtomicBool::new(false)) })
     }
 
     async fn is_valid(&self, conn: &mut Connection) -> Result<(), RedisError> {
-        self.0.is_valid(&mut conn.redis).await
+        redis::cmd("PING").query_async(&mut conn.redis).await
     }
 
     fn has_broken(&self, conn: &mut Connection) -> bool {

@@ -7,12 +7,20 @@
 //! - `SHUTDOWN_TIMEOUT` [20]: how long in-flight work may drain after SIGTERM/SIGINT.
 //! - `MAX_INFLIGHT_REQUESTS` [1024]: requests served at once; beyond, 503 + `Retry-After`.
 //! - `DB_HOST` [localhost], `DB_PORT` [5432], `DB_USER` [postgres], `DB_PASSWORD` [postgres],
-//!   `DB_NAME` [highload_db], `DB_SSLMODE` [disable]: PostgreSQL.
+//!   `DB_NAME` [highload_db]: PostgreSQL, as the running binaries' role (DML only is enough).
+//! - `DB_MIGRATION_USER` [= DB_USER], `DB_MIGRATION_PASSWORD` [= DB_PASSWORD]: the schema's owner,
+//!   used by `api migrate` (and by the api's start when `RUN_MIGRATIONS` is on).
+//! - `DB_SSLMODE` [disable|prefer|require|verify-ca|verify-full] (libpq's meanings) and
+//!   `DB_SSLROOTCERT` [none]: CA bundle (PEM) the verify modes need; with `require` it verifies the
+//!   chain as `verify-ca` does, as in libpq.
 //! - `DB_POOL_MAX_SIZE` [16], `DB_POOL_MIN_IDLE` [2]: connection pool bounds.
 //! - `DB_POOL_TIMEOUT_MS` [2000]: longest wait for a pooled connection before answering 503.
 //! - `DB_CONNECT_TIMEOUT` [5]: TCP connect + startup of one new connection.
 //! - `DB_STATEMENT_TIMEOUT_MS` [5000]: PostgreSQL cancels any statement running longer.
-//! - `REDIS_HOST` [localhost], `REDIS_PORT` [6379], `REDIS_PASSWORD` [none], `REDIS_DB` [0]: the cache.
+//! - `REDIS_HOST` [localhost], `REDIS_PORT` [6379], `REDIS_USERNAME` [none: the default user],
+//!   `REDIS_PASSWORD` [none], `REDIS_DB` [0]: the cache and the rate limiter's buckets.
+//! - `REDIS_TLS` [false]: TLS to Redis (as `rediss://`), the server's name always verified;
+//!   `REDIS_CA_CERT` [none: the system's roots]: CA bundle (PEM) to verify it with.
 //! - `REDIS_POOL_MAX_SIZE` [8]; `REDIS_TIMEOUT_MS` [100]: longest wait for one cache operation
 //!   before the request falls back to PostgreSQL; `REDIS_KEY_PREFIX` [hlms:].
 //! - `CACHE_TTL` [300]: lifetime of a cached user; 0 turns the cache off.
@@ -21,6 +29,10 @@
 //! - `KAFKA_BROKERS` [localhost:9092] (comma-separated), `KAFKA_TOPIC` [user-events],
 //!   `KAFKA_GROUP_ID` [highload-service], `KAFKA_TOPIC_PARTITIONS` [12] and
 //!   `KAFKA_REPLICATION_FACTOR` [1] (used when a binary creates missing topics).
+//! - `KAFKA_SECURITY_PROTOCOL` [PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL]; with SASL,
+//!   `KAFKA_SASL_MECHANISM` [PLAIN|SCRAM-SHA-256|SCRAM-SHA-512], `KAFKA_SASL_USERNAME` and
+//!   `KAFKA_SASL_PASSWORD` (required); with SSL, `KAFKA_SSL_CA_LOCATION` [none: the system's roots]:
+//!   CA bundle (PEM) for the brokers' certificates, whose names are always verified.
 //! - `KAFKA_SESSION_TIMEOUT_MS` [10000], `KAFKA_HEARTBEAT_INTERVAL_MS` [1000]: consumer group liveness.
 //! - `KAFKA_LINGER_MS` [0]: producer batching delay; `KAFKA_MESSAGE_TIMEOUT_MS` [0 = never]: how long
 //!   the producer retries a message before giving it back to the outbox relay.
@@ -42,6 +54,7 @@
 use std::fmt::Display;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -119,6 +132,30 @@ pub struct KafkaConfig {
     pub message_timeout: Duration,
     /// Consumer `fetch.wait.max.ms`.
     pub fetch_wait_max: Duration,
+    /// TLS and authentication to the brokers.
+    pub security: KafkaSecurity,
+}
+
+/// How clients reach the brokers (librdkafka's `security.protocol` and what it needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSecurity {
+    /// TLS to the brokers.
+    pub tls: bool,
+    /// SASL authentication; `None` connects anonymously.
+    pub sasl: Option<KafkaSasl>,
+    /// CA bundle for the brokers' certificates; `None`: the system's roots.
+    pub ssl_ca_location: Option<PathBuf>,
+}
+
+/// SASL credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSasl {
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`, as librdkafka spells them.
+    pub mechanism: &'static str,
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: Secret,
 }
 
 impl KafkaConfig {
@@ -181,10 +218,18 @@ pub struct DatabaseConfig {
     pub host: String,
     /// Port.
     pub port: u16,
-    /// Role.
+    /// Role of the running binaries.
     pub user: String,
     /// Password; never logged (see the `Debug` of [`Secret`]).
     pub password: Secret,
+    /// Role that owns the schema and runs migrations (often `user`).
+    pub migration_user: String,
+    /// Its password.
+    pub migration_password: Secret,
+    /// TLS to the server.
+    pub ssl_mode: SslMode,
+    /// CA bundle for verifying the server's certificate.
+    pub ssl_root_cert: Option<PathBuf>,
     /// Database name.
     pub name: String,
     /// Largest number of pooled connections.
@@ -199,6 +244,21 @@ pub struct DatabaseConfig {
     pub statement_timeout: Duration,
 }
 
+/// libpq's `sslmode`s this service implements (`allow` is not one: it would try plain text first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS if the server offers it, plain TCP if it does not; no verification.
+    Prefer,
+    /// TLS or no connection; the certificate is verified only against `DB_SSLROOTCERT`, if set.
+    Require,
+    /// TLS; the certificate must chain to `DB_SSLROOTCERT`.
+    VerifyCa,
+    /// TLS; the certificate must chain to `DB_SSLROOTCERT` and name `DB_HOST`.
+    VerifyFull,
+}
+
 /// Redis settings.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -206,8 +266,14 @@ pub struct RedisConfig {
     pub host: String,
     /// Port.
     pub port: u16,
+    /// ACL user; `None` is Redis's `default` user.
+    pub username: Option<String>,
     /// Password, if the server wants one.
     pub password: Option<Secret>,
+    /// TLS (`rediss://`), the server's name verified.
+    pub tls: bool,
+    /// CA bundle for TLS; `None` trusts the system's roots.
+    pub ca_cert: Option<PathBuf>,
     /// Logical database number.
     pub db: u32,
     /// Largest number of pooled connections.
@@ -289,6 +355,24 @@ impl Config {
                 port: env.port("DB_PORT", 5432)?,
                 user: env.string("DB_USER", "postgres"),
                 password: Secret(env.string("DB_PASSWORD", "postgres")),
+                migration_user: env.optional("DB_MIGRATION_USER").unwrap_or_else(|| env.string("DB_USER", "postgres")),
+                migration_password: Secret(
+                    env.optional("DB_MIGRATION_PASSWORD").unwrap_or_else(|| env.string("DB_PASSWORD", "postgres")),
+                ),
+                ssl_mode: match env.optional("DB_SSLMODE").as_deref().map(str::trim) {
+                    None | Some("disable") => SslMode::Disable,
+                    Some("prefer") => SslMode::Prefer,
+                    Some("require") => SslMode::Require,
+                    Some("verify-ca") => SslMode::VerifyCa,
+                    Some("verify-full") => SslMode::VerifyFull,
+                    Some(other) => {
+                        return Err(env.invalid(
+                            "DB_SSLMODE",
+                            format!("{other:?} is not disable, prefer, require, verify-ca or verify-full"),
+                        ));
+                    }
+                },
+                ssl_root_cert: env.optional("DB_SSLROOTCERT").map(PathBuf::from),
                 name: env.string("DB_NAME", "highload_db"),
                 pool_max_size: env.parse("DB_POOL_MAX_SIZE", NonZeroU32::new(16).expect("non-zero"))?,
                 pool_min_idle: env.parse("DB_POOL_MIN_IDLE", 2)?,
@@ -300,13 +384,17 @@ impl Config {
             redis: RedisConfig {
                 host: env.string("REDIS_HOST", "localhost"),
                 port: env.port("REDIS_PORT", 6379)?,
+                username: env.optional("REDIS_USERNAME"),
                 password: env.optional("REDIS_PASSWORD").map(Secret),
+                tls: env.bool("REDIS_TLS", false)?,
+                ca_cert: env.optional("REDIS_CA_CERT").map(PathBuf::from),
                 db: env.parse("REDIS_DB", 0)?,
                 pool_max_size: env.parse("REDIS_POOL_MAX_SIZE", NonZeroU32::new(8).expect("non-zero"))?,
                 timeout: env.millis("REDIS_TIMEOUT_MS", 100)?,
                 key_prefix: env.string("REDIS_KEY_PREFIX", "hlms:"),
                 cache_ttl: Some(env.seconds("CACHE_TTL", 300)?).filter(|ttl| !ttl.is_zero()),
-            },
+            }
+            .checked(&env)?,
             log: LogConfig {
                 level: env.string("LOG_LEVEL", "info"),
                 format: match env.optional("LOG_FORMAT").as_deref() {
@@ -327,6 +415,7 @@ impl Config {
                 linger: env.millis("KAFKA_LINGER_MS", 0)?,
                 message_timeout: env.millis("KAFKA_MESSAGE_TIMEOUT_MS", 0)?,
                 fetch_wait_max: env.millis("KAFKA_FETCH_WAIT_MAX_MS", 20)?,
+                security: KafkaSecurity::from_env(&env)?,
             },
             events: EventsConfig { max_data_bytes: env.parse("EVENT_MAX_DATA_BYTES", 65_536)? },
             outbox: OutboxConfig {
@@ -375,7 +464,7 @@ pub enum JwksSource {
     /// Fetched over HTTP(S).
     Url(String),
     /// Read from a file (e.g. a mounted ConfigMap).
-    File(std::path::PathBuf),
+    File(PathBuf),
 }
 
 impl AuthConfig {
@@ -447,40 +536,94 @@ impl RateLimitConfig {
     }
 }
 
+impl KafkaSecurity {
+    /// Settings that contradict the protocol are refused rather than ignored: a CA or credentials
+    /// given with `PLAINTEXT` would otherwise mean a plain-text connection the operator did not want.
+    fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let protocol = env.optional("KAFKA_SECURITY_PROTOCOL").map(|raw| raw.trim().to_ascii_uppercase());
+        let (tls, sasl) = match protocol.as_deref() {
+            None | Some("PLAINTEXT") => (false, false),
+            Some("SSL") => (true, false),
+            Some("SASL_PLAINTEXT") => (false, true),
+            Some("SASL_SSL") => (true, true),
+            Some(other) => {
+                return Err(env.invalid(
+                    "KAFKA_SECURITY_PROTOCOL",
+                    format!("{other:?} is not PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
+                ));
+            }
+        };
+        let ssl_ca_location = env.optional("KAFKA_SSL_CA_LOCATION").map(PathBuf::from);
+        if ssl_ca_location.is_some() && !tls {
+            return Err(env.invalid("KAFKA_SSL_CA_LOCATION", "set, but KAFKA_SECURITY_PROTOCOL has no SSL".into()));
+        }
+        if !sasl {
+            for var in ["KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"] {
+                if env.optional(var).is_some() {
+                    return Err(env.invalid(var, "set, but KAFKA_SECURITY_PROTOCOL has no SASL".into()));
+                }
+            }
+            return Ok(Self { tls, sasl: None, ssl_ca_location });
+        }
+        let mechanism = match env.optional("KAFKA_SASL_MECHANISM").map(|raw| raw.trim().to_ascii_uppercase()).as_deref()
+        {
+            None | Some("PLAIN") => "PLAIN",
+            Some("SCRAM-SHA-256") => "SCRAM-SHA-256",
+            Some("SCRAM-SHA-512") => "SCRAM-SHA-512",
+            Some(other) => {
+                return Err(env.invalid(
+                    "KAFKA_SASL_MECHANISM",
+                    format!("{other:?} is not PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
+                ));
+            }
+        };
+        let when = "KAFKA_SECURITY_PROTOCOL is SASL_PLAINTEXT or SASL_SSL";
+        let sasl = KafkaSasl {
+            mechanism,
+            username: env.required("KAFKA_SASL_USERNAME", when)?,
+            password: Secret(env.required("KAFKA_SASL_PASSWORD", when)?),
+        };
+        Ok(Self { tls, sasl: Some(sasl), ssl_ca_location })
+    }
+
+    /// librdkafka's `security.protocol`.
+    pub fn protocol(&self) -> &'static str {
+        match (self.tls, self.sasl.is_some()) {
+            (false, false) => "plaintext",
+            (true, false) => "ssl",
+            (false, true) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        }
+    }
+}
+
+impl RedisConfig {
+    /// A CA without TLS would mean plain text the operator did not want: refused.
+    fn checked(self, env: &Env<'_>) -> Result<Self, ConfigError> {
+        if self.ca_cert.is_some() && !self.tls {
+            return Err(env.invalid("REDIS_CA_CERT", "set, but REDIS_TLS is false".into()));
+        }
+        Ok(self)
+    }
+}
+
 impl DatabaseConfig {
-    /// Rejects combinations that each variable alone cannot: TLS modes this build cannot honour.
+    /// Rejects combinations that each variable alone cannot.
     fn checked(self, env: &Env<'_>) -> Result<Self, ConfigError> {
         if self.pool_min_idle > self.pool_max_size.get() {
             return Err(env.invalid("DB_POOL_MIN_IDLE", "must not exceed DB_POOL_MAX_SIZE".into()));
         }
-        match env.optional("DB_SSLMODE").as_deref() {
-            // `prefer` falls back to plain TCP when TLS is unavailable, exactly as libpq does.
-            None | Some("disable") | Some("prefer") | Some("allow") => Ok(self),
-            Some(other) => Err(env
-                .invalid("DB_SSLMODE", format!("{other:?} needs TLS, which this build does not include; use disable"))),
+        // libpq refuses the same: a verify mode with nothing to verify against.
+        if matches!(self.ssl_mode, SslMode::VerifyCa | SslMode::VerifyFull) && self.ssl_root_cert.is_none() {
+            return Err(env.invalid("DB_SSLROOTCERT", "required by DB_SSLMODE verify-ca and verify-full".into()));
         }
+        Ok(self)
     }
 
-    /// A libpq key/value connection string, values quoted so that any password works.
-    pub fn connection_string(&self, application_name: &str) -> String {
-        format!(
-            "host={} port={} user={} password={} dbname={} application_name={} connect_timeout={} \
-             keepalives=1 options={}",
-            quote(&self.host),
-            self.port,
-            quote(&self.user),
-            quote(self.password.expose()),
-            quote(&self.name),
-            quote(application_name),
-            self.connect_timeout.as_secs().max(1),
-            quote(&format!("-c statement_timeout={}", self.statement_timeout.as_millis())),
-        )
+    /// The same settings with the migration owner's credentials.
+    pub fn as_migration_owner(&self) -> Self {
+        Self { user: self.migration_user.clone(), password: self.migration_password.clone(), ..self.clone() }
     }
-}
-
-/// Quotes one value of a libpq key/value connection string.
-fn quote(value: &str) -> String {
-    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// Typed access to the variables, every error naming its variable. Empty values count as unset,
@@ -574,7 +717,12 @@ mod tests {
             ("CACHE_TTL", "5m"),
             ("LOG_FORMAT", "xml"),
             ("RUN_MIGRATIONS", "maybe"),
-            ("DB_SSLMODE", "require"),
+            ("DB_SSLMODE", "allow"),
+            ("REDIS_TLS", "tls"),
+            ("REDIS_CA_CERT", "/ca.pem"),
+            ("KAFKA_SECURITY_PROTOCOL", "TLS"),
+            ("KAFKA_SSL_CA_LOCATION", "/ca.pem"),
+            ("KAFKA_SASL_PASSWORD", "secret"),
             ("DB_POOL_MIN_IDLE", "99"),
             ("KAFKA_TOPIC_PARTITIONS", "0"),
             ("WORKER_CONCURRENCY", "many"),
@@ -636,11 +784,47 @@ mod tests {
     }
 
     #[test]
-    fn connection_string_quotes_values_and_hides_nothing_it_needs() {
-        let config = config(&[("DB_PASSWORD", r"it's\secret")]).unwrap();
-        let conninfo = config.database.connection_string("test");
-        assert!(conninfo.contains(r"password='it\'s\\secret'"), "{conninfo}");
-        assert!(conninfo.contains("options='-c statement_timeout=5000'"), "{conninfo}");
-        assert!(!format!("{config:?}").contains("secret"));
+    fn migrations_run_as_the_runtime_role_unless_an_owner_is_named() {
+        let same = config(&[("DB_USER", "app"), ("DB_PASSWORD", "pw")]).unwrap().database.as_migration_owner();
+        assert_eq!((same.user.as_str(), same.password.expose()), ("app", "pw"));
+        let vars = [("DB_USER", "app"), ("DB_MIGRATION_USER", "owner"), ("DB_MIGRATION_PASSWORD", "secret")];
+        let database = config(&vars).unwrap().database;
+        let owner = database.as_migration_owner();
+        assert_eq!((owner.user.as_str(), owner.password.expose(), database.user.as_str()), ("owner", "secret", "app"));
+        assert!(!format!("{database:?}").contains("secret"));
+    }
+
+    #[test]
+    fn kafka_security_follows_the_protocol() {
+        let plain = config(&[]).unwrap().kafka.security;
+        assert_eq!((plain.protocol(), plain.sasl), ("plaintext", None));
+        let vars = [
+            ("KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+            ("KAFKA_SASL_MECHANISM", "scram-sha-512"),
+            ("KAFKA_SASL_USERNAME", "svc"),
+            ("KAFKA_SASL_PASSWORD", "pw"),
+            ("KAFKA_SSL_CA_LOCATION", "/ca.pem"),
+        ];
+        let security = config(&vars).unwrap().kafka.security;
+        assert_eq!(security.protocol(), "sasl_ssl");
+        assert_eq!(security.ssl_ca_location, Some(PathBuf::from("/ca.pem")));
+        let sasl = security.sasl.unwrap();
+        assert_eq!((sasl.mechanism, sasl.username.as_str(), sasl.password.expose()), ("SCRAM-SHA-512", "svc", "pw"));
+        let missing = [("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT"), ("KAFKA_SASL_USERNAME", "svc")];
+        assert_eq!(config(&missing).unwrap_err().var, "KAFKA_SASL_PASSWORD");
+        let default = [&missing[..], &[("KAFKA_SASL_PASSWORD", "pw")]].concat();
+        assert_eq!(config(&default).unwrap().kafka.security.sasl.unwrap().mechanism, "PLAIN");
+        assert_eq!(config(&[("KAFKA_SECURITY_PROTOCOL", "SSL")]).unwrap().kafka.security.protocol(), "ssl");
+    }
+
+    #[test]
+    fn verify_modes_need_a_root_certificate() {
+        assert_eq!(config(&[]).unwrap().database.ssl_mode, SslMode::Disable);
+        assert_eq!(config(&[("DB_SSLMODE", "require")]).unwrap().database.ssl_mode, SslMode::Require);
+        for mode in ["verify-ca", "verify-full"] {
+            assert_eq!(config(&[("DB_SSLMODE", mode)]).unwrap_err().var, "DB_SSLROOTCERT");
+            let database = config(&[("DB_SSLMODE", mode), ("DB_SSLROOTCERT", "/ca.pem")]).unwrap().database;
+            assert_eq!(database.ssl_root_cert, Some(PathBuf::from("/ca.pem")));
+        }
     }
 }

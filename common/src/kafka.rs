@@ -1,13 +1,18 @@
 //! Kafka: the message on the events topic (SPEC §4), client settings shared by the api's producer and
 //! the worker's consumer, and creation of missing topics.
 
+use std::sync::Mutex;
 use std::time::Duration;
+
+use anyhow::Context;
 
 use chrono::{DateTime, Utc};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -71,7 +76,22 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
         .set("bootstrap.servers", &config.brokers)
         .set("client.id", "highload-microservice")
         // Small requests answered one at a time: with Nagle on, each can wait out a delayed ACK.
-        .set("socket.nagle.disable", "true");
+        .set("socket.nagle.disable", "true")
+        // With SSL, librdkafka verifies the broker's certificate and its host name (its defaults,
+        // stated so that a change of default cannot turn them off).
+        .set("security.protocol", config.security.protocol());
+    if config.security.tls {
+        client.set("enable.ssl.certificate.verification", "true").set("ssl.endpoint.identification.algorithm", "https");
+    }
+    if let Some(ca) = &config.security.ssl_ca_location {
+        client.set("ssl.ca.location", ca.display().to_string());
+    }
+    if let Some(sasl) = &config.security.sasl {
+        client
+            .set("sasl.mechanism", sasl.mechanism)
+            .set("sasl.username", &sasl.username)
+            .set("sasl.password", sasl.password.expose());
+    }
     client
 }
 
@@ -111,8 +131,12 @@ pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
-/// Creates the events topic and its dead-letter topic if they do not exist.
-pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
+/// Creates the events topic and its dead-letter topic if they do not exist. Gives up after
+/// [`ENSURE_TOPICS_TIMEOUT`], with the reason librdkafka last gave (a refused certificate or
+/// failed authentication is only reported that way).
+pub async fn ensure_topics(config: &KafkaConfig) -> anyhow::Result<()> {
+    let probe = config.clone();
+    tokio::task::spawn_blocking(move || reachable(&probe)).await??;
     let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
     let partitions = i32::try_from(config.topic_partitions.get()).unwrap_or(i32::MAX);
     let replication = i32::try_from(config.replication_factor.get()).unwrap_or(i32::MAX);
@@ -121,17 +145,84 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
         NewTopic::new(&config.topic, partitions, TopicReplication::Fixed(replication)),
         NewTopic::new(&dlq, partitions, TopicReplication::Fixed(replication)),
     ];
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin.create_topics(&topics, &options).await? {
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(ENSURE_TOPICS_TIMEOUT));
+    let results = admin.create_topics(&topics, &options).await?;
+    for result in results {
         match result {
             Ok(topic) => tracing::info!(topic, partitions, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
-                    tracing::error!(topic, error = %code, "failed to create topic");
-                });
+                tracing::error!(topic, error = %code, "failed to create topic");
+                return Err(KafkaError::AdminOp(code)).with_context(|| format!("failed to create topic {topic}"));
             }
         }
     }
     Ok(())
+}
+
+/// Fails unless the brokers answer a metadata request within [`ENSURE_TOPICS_TIMEOUT`], with the
+/// reason librdkafka logged (a refused certificate or failed authentication is only told that way).
+fn reachable(config: &KafkaConfig) -> anyhow::Result<()> {
+    // Errors always reach the context, whatever the `log` crate's level (unset in tests).
+    let producer: BaseProducer<ReportingContext> =
+        client_config(config).set_log_level(RDKafkaLogLevel::Error).create_with_context(ReportingContext::default())?;
+    if let Err(err) = producer.client().fetch_metadata(None, ENSURE_TOPICS_TIMEOUT) {
+        // Log events wait on the client's queue until polled.
+        producer.poll(Duration::from_millis(100));
+        let reason = producer.context().last_error().unwrap_or_else(|| "none given".into());
+        anyhow::bail!("Kafka at {} did not answer: {err}; last error: {reason}", config.brokers);
+    }
+    Ok(())
+}
+
+/// Longest [`ensure_topics`] waits for the brokers.
+pub const ENSURE_TOPICS_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A client context that logs librdkafka's errors naming the dependency, and remembers the last one.
+#[derive(Default)]
+pub struct ReportingContext {
+    last_error: Mutex<Option<String>>,
+}
+
+impl ReportingContext {
+    /// The last error librdkafka reported, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|last| last.clone())
+    }
+}
+
+impl ReportingContext {
+    fn remember(&self, reason: &str) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(reason.to_owned());
+        }
+    }
+}
+
+impl ProducerContext for ReportingContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+impl ClientContext for ReportingContext {
+    // A refused certificate or failed SASL handshake reaches the log callback (called from
+    // librdkafka's threads), not always the error callback (which needs a poll).
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level as u8 {
+            0..=3 => {
+                tracing::error!(dependency = "kafka", facility, "{message}");
+                self.remember(message);
+            }
+            4 => tracing::warn!(dependency = "kafka", facility, "{message}"),
+            _ => tracing::debug!(dependency = "kafka", facility, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::error!(dependency = "kafka", error = %error, reason, "Kafka client error");
+        self.remember(reason);
+    }
 }

@@ -4,7 +4,8 @@
 //! - [`db`]: the diesel schema (mirrors `migrations/`) and the row models read from it.
 //! - [`wire`]: the JSON shapes that cross a process boundary (HTTP bodies).
 //! - [`kafka`]: the message on the events topic, client settings, topic creation.
-//! - [`pool`]: the PostgreSQL connection pool both binaries use; [`metrics`]: Prometheus plumbing.
+//! - [`pool`]: the PostgreSQL connection pool both binaries use, its connections opened by
+//!   [`postgres`] (TLS through [`tls`]); [`metrics`]: Prometheus plumbing.
 //! - [`telemetry`]: log subscriber; [`shutdown`]: termination signals.
 
 pub mod config;
@@ -12,6 +13,8 @@ pub mod db;
 pub mod kafka;
 pub mod metrics;
 pub mod pool;
+pub mod postgres;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod wire;

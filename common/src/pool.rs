@@ -4,9 +4,10 @@ use std::time::Duration;
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::AsyncPgConnection;
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 
 use crate::config::DatabaseConfig;
+use crate::postgres::Connector;
 
 /// A pool of PostgreSQL connections.
 pub type DbPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
@@ -15,10 +16,18 @@ pub type DbPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
 pub type DbConn<'a> = bb8::PooledConnection<'a, AsyncDieselConnectionManager<AsyncPgConnection>>;
 
 /// Builds the pool without connecting, so a process starts (and reports not-ready) while PostgreSQL
-/// is down. `application_name` shows in `pg_stat_activity`.
-pub fn build(config: &DatabaseConfig, application_name: &str) -> DbPool {
-    let manager = AsyncDieselConnectionManager::new(config.connection_string(application_name));
-    bb8::Pool::builder()
+/// is down or refuses its certificate. Fails only on settings no connection could use (see
+/// [`Connector::new`]). `application_name` shows in `pg_stat_activity`.
+pub fn build(config: &DatabaseConfig, application_name: &str) -> anyhow::Result<DbPool> {
+    let connector = Connector::new(config, application_name)?;
+    let mut manager_config = ManagerConfig::default();
+    manager_config.custom_setup = Box::new(move |_| {
+        let connector = connector.clone();
+        Box::pin(async move { connector.connect().await })
+    });
+    // The connection string is unused: the setup above connects from the config itself.
+    let manager = AsyncDieselConnectionManager::new_with_config("", manager_config);
+    Ok(bb8::Pool::builder()
         .max_size(config.pool_max_size.get())
         .min_idle(Some(config.pool_min_idle))
         .connection_timeout(config.pool_timeout)
@@ -26,7 +35,7 @@ pub fn build(config: &DatabaseConfig, application_name: &str) -> DbPool {
         // they are returned instead (diesel-async reports them via `has_broken`).
         .test_on_check_out(false)
         .idle_timeout(Some(Duration::from_secs(300)))
-        .build_unchecked(manager)
+        .build_unchecked(manager))
 }
 
 /// Whether a query failed because PostgreSQL could not serve it right now (connection lost or

@@ -14,12 +14,15 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 use crate::FaultProxy;
+use crate::tls::ServerCert;
 
 /// A running broker; killed when dropped.
 pub struct Broker {
     /// The path clients use (`KAFKA_BROKERS`): through the proxy.
     pub proxy: FaultProxy,
     _process: Child,
+    /// With [`Broker::start_tls`]: the TLS terminator clients dial, and its address.
+    tls_front: Option<(Child, String)>,
     /// A storage file of the broker's own, removed with it.
     storage: Option<PathBuf>,
 }
@@ -37,7 +40,39 @@ impl Drop for Broker {
 impl Broker {
     /// Starts tansu listening on a free port and advertising the proxy's address.
     pub async fn start() -> Self {
-        Self::spawn("tansu", tansu_binary(), &["--storage-engine", "memory://tansu/"], None).await
+        Self::spawn("tansu", tansu_binary(), &["--storage-engine", "memory://tansu/"], None, None).await
+    }
+
+    /// Starts tansu behind a TLS terminator (`socat`) serving `cert` on `localhost:<port>`, which the
+    /// broker advertises: every client connection, metadata redirects included, is TLS up to socat,
+    /// then goes through the proxy. With `authentication`, tansu requires SASL of every client.
+    pub async fn start_tls(cert: &ServerCert, authentication: bool) -> Self {
+        let tls_port = crate::closed_port();
+        let front = format!("localhost:{tls_port}");
+        let mut args = vec!["--storage-engine", "memory://tansu/"];
+        if authentication {
+            args.push("--authentication");
+        }
+        let mut broker = Self::spawn("tansu", tansu_binary(), &args, None, Some(&front)).await;
+        let listen = format!(
+            "OPENSSL-LISTEN:{tls_port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
+            cert.cert.display(),
+            cert.key.display()
+        );
+        let socat = Command::new("socat")
+            .args([&listen, &format!("TCP:{}", broker.proxy.addr())])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("socat on PATH (scripts/lib.sh installs it)");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", tls_port)).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "socat did not open {tls_port}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        broker.tls_front = Some((socat, front));
+        broker
     }
 
     /// Starts nisshi (`NISSHI_BIN`, or `nisshi` on the PATH: `scripts/chaos` installs it) the same way,
@@ -49,17 +84,25 @@ impl Broker {
         let engine = format!("sqlite://{name}");
         let file = std::env::temp_dir().join(name);
         let args = ["--storage-engine", &engine, "--group-initial-rebalance-delay", "0s"];
-        Self::spawn("nisshi", binary.into(), &args, Some(file)).await
+        Self::spawn("nisshi", binary.into(), &args, Some(file), None).await
     }
 
-    async fn spawn(name: &str, binary: PathBuf, storage_args: &[&str], storage: Option<PathBuf>) -> Self {
+    /// Starts the broker advertising `advertised` (default: the proxy's address).
+    async fn spawn(
+        name: &str,
+        binary: PathBuf,
+        storage_args: &[&str],
+        storage: Option<PathBuf>,
+        advertised: Option<&str>,
+    ) -> Self {
         let (proxy_listener, proxy_addr) = FaultProxy::bind().await;
         let broker_port = crate::closed_port();
         let broker_addr: SocketAddr = format!("127.0.0.1:{broker_port}").parse().unwrap();
+        let advertised = advertised.map_or_else(|| proxy_addr.to_string(), str::to_owned);
         let process = Command::new(&binary)
             .current_dir(std::env::temp_dir())
             .args(["broker", "--listener-url", &format!("tcp://{broker_addr}")])
-            .args(["--advertised-listener-url", &format!("tcp://{proxy_addr}")])
+            .args(["--advertised-listener-url", &format!("tcp://{advertised}")])
             .args(storage_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -71,12 +114,15 @@ impl Broker {
             assert!(tokio::time::Instant::now() < deadline, "{name} did not open {broker_addr}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Self { proxy: FaultProxy::start(proxy_listener, broker_addr), _process: process, storage }
+        Self { proxy: FaultProxy::start(proxy_listener, broker_addr), _process: process, storage, tls_front: None }
     }
 
     /// `KAFKA_BROKERS` for this broker.
     pub fn bootstrap(&self) -> String {
-        self.proxy.addr().to_string()
+        match &self.tls_front {
+            Some((_, front)) => front.clone(),
+            None => self.proxy.addr().to_string(),
+        }
     }
 }
 

@@ -7,7 +7,10 @@
 pub mod auth;
 mod broker;
 mod postgres;
+mod process;
 mod proxy;
+pub mod redis;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -17,6 +20,7 @@ use uuid::Uuid;
 
 pub use broker::Broker;
 pub use postgres::PrivatePostgres;
+pub use process::Process;
 pub use proxy::FaultProxy;
 
 /// Variables that point an app at the local test services (each overridable from the environment)
@@ -27,8 +31,11 @@ pub fn service_vars() -> HashMap<String, String> {
     [
         ("DB_HOST", env("DB_HOST", "127.0.0.1")),
         ("DB_PORT", env("DB_PORT", "5432")),
-        ("DB_USER", env("DB_USER", "postgres")),
-        ("DB_PASSWORD", env("DB_PASSWORD", "postgres")),
+        // The binaries run as a role with DML only; migrations run as the server's superuser.
+        ("DB_USER", RUNTIME_ROLE.to_owned()),
+        ("DB_PASSWORD", "not-checked-by-trust-auth".to_owned()),
+        ("DB_MIGRATION_USER", env("DB_USER", "postgres")),
+        ("DB_MIGRATION_PASSWORD", env("DB_PASSWORD", "postgres")),
         ("REDIS_HOST", env("REDIS_HOST", "127.0.0.1")),
         ("REDIS_PORT", env("REDIS_PORT", "6379")),
         ("KAFKA_BROKERS", env("KAFKA_BROKERS", "127.0.0.1:9092")),
@@ -55,18 +62,35 @@ pub fn unique() -> String {
     Uuid::new_v4().simple().to_string()
 }
 
-/// A libpq connection string to `database` on the test server.
+/// The role the binaries run as in tests: it may read and write the service's tables, nothing more
+/// (`api migrate` grants it that). [`create_database`] makes sure it exists.
+pub const RUNTIME_ROLE: &str = "hlms_app";
+
+/// A libpq connection string to `database` on the test server, as the superuser that owns the
+/// schema (tests set up and inspect what the service cannot).
 pub fn connection_string(database: &str) -> String {
     let vars = service_vars();
     format!(
         "host={} port={} user={} password={} dbname={database}",
-        vars["DB_HOST"], vars["DB_PORT"], vars["DB_USER"], vars["DB_PASSWORD"]
+        vars["DB_HOST"], vars["DB_PORT"], vars["DB_MIGRATION_USER"], vars["DB_MIGRATION_PASSWORD"]
     )
 }
 
-/// Connects to a test database.
+/// Connects to a test database as its owner.
 pub async fn connect(database: &str) -> AsyncPgConnection {
     AsyncPgConnection::establish(&connection_string(database)).await.unwrap()
+}
+
+/// Creates [`RUNTIME_ROLE`] on the server `conn` is connected to, unless it exists. Concurrent
+/// tests may race to create it; the loser's error is the proof it exists.
+pub async fn ensure_runtime_role(conn: &mut AsyncPgConnection) {
+    diesel::sql_query(format!(
+        "DO $$ BEGIN CREATE ROLE {RUNTIME_ROLE} LOGIN; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+    ))
+    .execute(conn)
+    .await
+    .unwrap();
 }
 
 /// A new, empty database (`hlms_test_*`, dropped by `scripts/test` before the next run).
@@ -77,6 +101,7 @@ pub async fn create_database() -> String {
 /// A new, empty database with this name.
 pub async fn create_database_named(name: &str) -> String {
     let mut conn = connect("postgres").await;
+    ensure_runtime_role(&mut conn).await;
     diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
     name.to_owned()
 }

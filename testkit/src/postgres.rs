@@ -10,6 +10,8 @@ pub struct PrivatePostgres {
     pub port: u16,
     dir: PathBuf,
     bin: PathBuf,
+    /// Server options beyond the port and socket (TLS settings).
+    extra_options: String,
 }
 
 impl PrivatePostgres {
@@ -17,6 +19,16 @@ impl PrivatePostgres {
     /// immediate stop kills processes, not the machine, so the OS still holds every write), but
     /// commits do write their WAL before returning: an acknowledged write must survive the stop.
     pub fn start() -> Self {
+        Self::launch(None)
+    }
+
+    /// Like [`PrivatePostgres::start`], serving TLS with this certificate (`ssl=on`); plain-text
+    /// connections are still accepted, as PostgreSQL does by default.
+    pub fn start_with_tls(cert: &crate::tls::ServerCert) -> Self {
+        Self::launch(Some(cert))
+    }
+
+    fn launch(tls: Option<&crate::tls::ServerCert>) -> Self {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL server binaries under /usr/lib/postgresql")
             .flatten()
@@ -26,19 +38,37 @@ impl PrivatePostgres {
             .expect("an initdb under /usr/lib/postgresql/*/bin");
         let dir = std::env::temp_dir().join(format!("hlms-pg-{}", crate::unique()));
         std::fs::create_dir_all(&dir).unwrap();
+        let mut extra_options = String::new();
+        if let Some(cert) = tls {
+            // Copied in, so that the server's owner owns the key (PostgreSQL insists).
+            std::fs::copy(&cert.cert, dir.join("server.crt")).unwrap();
+            std::fs::copy(&cert.key, dir.join("server.key")).unwrap();
+            extra_options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={0}/server.crt -c ssl_key_file={0}/server.key",
+                dir.display()
+            ));
+        }
         // PostgreSQL refuses to run as root; CI runs tests as root.
         if is_root() {
             run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir));
         }
-        let pg = Self { port: crate::closed_port(), dir, bin };
+        let pg = Self { port: crate::closed_port(), dir, bin, extra_options };
         pg.run_as_owner("initdb", &["-A", "trust", "-U", "postgres", "--no-sync", "-D"], Some(&pg.dir.join("data")));
         pg.start_server();
+        let (socket_dir, port) = (pg.dir.display().to_string(), pg.port.to_string());
+        let create_role = format!("CREATE ROLE {} LOGIN", crate::RUNTIME_ROLE);
+        pg.run_as_owner("psql", &["-h", &socket_dir, "-p", &port, "-U", "postgres", "-qc", &create_role], None);
         pg
     }
 
     /// Starts the server (again) and waits until it accepts connections.
     pub fn start_server(&self) {
-        let options = format!("-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off", self.port, self.dir.display());
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off{}",
+            self.port,
+            self.dir.display(),
+            self.extra_options
+        );
         let log = self.dir.join("server.log");
         self.run_as_owner(
             "pg_ctl",

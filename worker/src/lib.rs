@@ -47,7 +47,8 @@ impl Worker {
         consumer.subscribe(&[&config.kafka.topic]).context("failed to subscribe")?;
         let producer: FutureProducer =
             common::kafka::producer_config(&config.kafka).create().context("invalid Kafka producer configuration")?;
-        let pool = common::pool::build(&config.database, "highload-worker");
+        let pool =
+            common::pool::build(&config.database, "highload-worker").context("invalid PostgreSQL configuration")?;
         let (stop, stop_receiver) = watch::channel(false);
         let metrics = std::sync::Arc::new(metrics::WorkerMetrics::new());
         let lanes = LaneContext {

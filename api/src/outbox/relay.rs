@@ -17,8 +17,9 @@ use common::config::Config;
 use common::db::models::OutboxRow;
 use common::db::schema::outbox;
 use common::kafka::headers;
+use common::postgres::Connector;
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::{JoinAll, join_all};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -54,6 +55,8 @@ impl OutboxSignal {
 pub struct Relay {
     /// Kafka producer; replaced after a failed batch (see [`Relay::run`]).
     pub producer: FutureProducer,
+    /// Opens the leader's own session (its advisory lock lives as long as that session).
+    pub connector: Connector,
     /// Configuration.
     pub config: Config,
     /// Woken by local commits.
@@ -139,14 +142,8 @@ impl Relay {
     }
 
     async fn try_become_leader(&self) -> Option<AsyncPgConnection> {
-        let conninfo = self.config.database.connection_string("highload-api-outbox");
-        let mut conn = match AsyncPgConnection::establish(&conninfo).await {
-            Ok(conn) => conn,
-            Err(err) => {
-                tracing::warn!(error = %err, "outbox relay cannot connect to PostgreSQL");
-                return None;
-            }
-        };
+        // The connector logs a failure itself.
+        let mut conn = self.connector.connect().await.ok()?;
         let acquired = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(&format!(
             "pg_try_advisory_lock({LEADER_LOCK_KEY})"
         )))

@@ -3,7 +3,7 @@
 
 use diesel::QueryableByName;
 use diesel::sql_types::{Nullable, Text};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -26,7 +26,7 @@ struct OutboxEntry {
 }
 
 async fn outbox_entries(app: &TestApp) -> Vec<OutboxEntry> {
-    let mut conn = AsyncPgConnection::establish(&app.config.database.connection_string("test")).await.unwrap();
+    let mut conn = testkit::connect(&app.config.database.name).await;
     diesel::sql_query("SELECT event_type, payload, request_id FROM outbox ORDER BY id").load(&mut conn).await.unwrap()
 }
 

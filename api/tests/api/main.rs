@@ -13,4 +13,5 @@ mod migrations;
 mod operability;
 mod ratelimit;
 mod shutdown;
+mod transport;
 mod users;

@@ -209,8 +209,7 @@ async fn cursor_pages_walk_every_user_once_and_total_follows_writes() {
         created.push(app.create_user(&unique_email(&format!("walk{n}"))).await["id"].as_str().unwrap().to_owned());
     }
     // Three users share one timestamp: the cursor must break the tie by id, neither skipping nor repeating.
-    let url = app.config.database.connection_string("test");
-    let mut conn = <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&url).await.unwrap();
+    let mut conn = testkit::connect(&app.config.database.name).await;
     diesel_async::RunQueryDsl::execute(
         diesel::sql_query(format!(
             "UPDATE users SET created_at = '2026-01-01T00:00:00Z' WHERE id IN ('{}', '{}', '{}')",
@@ -253,8 +252,7 @@ async fn list_tie_break_is_id_desc_for_equal_timestamps() {
     let a = app.create_user(&unique_email("tie-a")).await;
     let b = app.create_user(&unique_email("tie-b")).await;
     // Force equal created_at directly in the database, then the id decides.
-    let url = app.config.database.connection_string("test");
-    let mut conn = <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&url).await.unwrap();
+    let mut conn = testkit::connect(&app.config.database.name).await;
     diesel_async::RunQueryDsl::execute(
         diesel::sql_query("UPDATE users SET created_at = '2026-01-01T00:00:00Z'"),
         &mut conn,

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::config::Config;
@@ -13,8 +12,7 @@ use diesel_async::RunQueryDsl;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use serde_json::{Value, json};
-use testkit::{Broker, FaultProxy};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use testkit::{Broker, FaultProxy, Process};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -85,8 +83,12 @@ struct Count {
 
 impl Stack {
     pub async fn start(overrides: &[(&str, &str)]) -> Self {
+        Self::start_on(Broker::start().await, overrides).await
+    }
+
+    /// A stack on this broker.
+    pub async fn start_on(broker: Broker, overrides: &[(&str, &str)]) -> Self {
         testkit::init_test_logging();
-        let broker = Broker::start().await;
         let mut vars = testkit::service_vars();
         vars.insert("DB_NAME".into(), testkit::create_database().await);
         vars.insert("KAFKA_BROKERS".into(), broker.bootstrap());
@@ -128,25 +130,9 @@ impl Stack {
         // `api` is built next to `worker` (same target directory) when the workspace's tests build.
         let worker = std::path::PathBuf::from(env!("CARGO_BIN_EXE_worker"));
         let path = worker.with_file_name(name);
-        let mut child = Command::new(&path)
-            .env_clear()
-            .envs(&self.vars)
-            .envs(extra.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {}: {err}", path.display()));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().unwrap();
-        let collected = Arc::clone(&lines);
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                collected.lock().unwrap().push(line);
-            }
-        });
-        Process { child, lines }
+        let mut vars = self.vars.clone();
+        vars.extend(extra.iter().map(|(name, value)| ((*name).to_owned(), (*value).to_owned())));
+        Process::spawn(&path, &vars)
     }
 
     /// The worker binary as a child process (for kill -9).
@@ -260,30 +246,6 @@ pub async fn postgres_proxy() -> (FaultProxy, String) {
 }
 
 /// A child process and the lines it wrote to stdout so far.
-pub struct Process {
-    pub child: Child,
-    pub lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    /// Sends SIGTERM (or SIGINT).
-    pub fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap();
-        assert!(status.success(), "kill -{signal} {pid}");
-    }
-
-    /// Waits for the exit; panics past `timeout`.
-    pub async fn exit_within(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        tokio::time::timeout(timeout, self.child.wait()).await.expect("exited in time").unwrap()
-    }
-
-    /// Every stdout line so far.
-    pub fn output(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-}
-
 /// Reads until `wanted` matches a message, or panics after `timeout`.
 pub async fn read_until(
     consumer: &StreamConsumer,

@@ -10,3 +10,4 @@ mod group;
 mod helpers;
 mod lifecycle;
 mod outages;
+mod transport;

@@ -1,0 +1,142 @@
+//! rustls client configurations for the dependencies reached over TLS (PostgreSQL here; Redis's client
+//! builds its own from the same CA file). No OpenSSL is involved at run time.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+/// How much of the server's certificate is checked (libpq's `sslmode` levels of verification).
+pub enum Verification {
+    /// Encryption only: any certificate is accepted (`require` without a root certificate, `prefer`).
+    None,
+    /// The certificate must chain to one of these roots; its name is not checked (`verify-ca`).
+    Chain(RootCertStore),
+    /// The certificate must chain to one of these roots and name the host dialled (`verify-full`).
+    ChainAndName(RootCertStore),
+}
+
+/// Reads a PEM bundle of CA certificates. Fails on a missing or unreadable file, and on one without
+/// a single certificate (a key or an empty file given by mistake would otherwise trust nothing).
+pub fn load_roots(path: &Path) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(path).map_err(|err| anyhow::anyhow!("cannot read {}: {err}", path.display()))?
+    {
+        let cert = cert.map_err(|err| anyhow::anyhow!("{} is not a PEM bundle: {err}", path.display()))?;
+        roots.add(cert).map_err(|err| anyhow::anyhow!("{} holds an unusable certificate: {err}", path.display()))?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "{} holds no PEM certificate", path.display());
+    Ok(roots)
+}
+
+/// A client configuration verifying as `verification` says, on aws-lc-rs (named explicitly, so no
+/// process-wide default provider has to be installed).
+pub fn client_config(verification: Verification) -> ClientConfig {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("aws-lc-rs supports the default protocol versions");
+    let verifier: Arc<dyn ServerCertVerifier> = match verification {
+        Verification::ChainAndName(roots) => {
+            return builder.with_root_certificates(roots).with_no_client_auth();
+        }
+        Verification::Chain(roots) => Arc::new(ChainOnly(
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .expect("a non-empty root store builds a verifier"),
+        )),
+        Verification::None => Arc::new(AnyCertificate(provider.signature_verification_algorithms)),
+    };
+    builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()
+}
+
+/// `verify-ca`: the full WebPKI check, except that a certificate for another name is accepted
+/// (webpki checks the name only after the chain, so a name error means the chain was good).
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `require`/`prefer` without a root certificate: any certificate, as libpq does. The handshake's
+/// signatures are still checked, so the session is at least bound to the key that was presented.
+#[derive(Debug)]
+struct AnyCertificate(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}

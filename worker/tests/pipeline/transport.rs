@@ -1,0 +1,95 @@
+//! Kafka over TLS (SPEC §9): the relay's producer and the worker's consumer group through a TLS
+//! terminator in front of the broker, the brokers' certificates verified against a CA the test made;
+//! the refusals (another CA, another name, a plain-text broker); and SASL as far as the local broker
+//! allows (tansu can require authentication but, on memory storage, holds no user to log in as).
+
+use std::time::Duration;
+
+use common::config::Config;
+use testkit::Broker;
+use testkit::tls::TestCa;
+
+use crate::helpers::Stack;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_flow_end_to_end_over_verified_tls() {
+    let ca = TestCa::new("kafka");
+    let broker = Broker::start_tls(&ca.server_cert(&["localhost"]), false).await;
+    let root = ca.ca_file();
+    let stack = Stack::start_on(
+        broker,
+        &[("KAFKA_SECURITY_PROTOCOL", "SSL"), ("KAFKA_SSL_CA_LOCATION", root.to_str().unwrap())],
+    )
+    .await;
+    assert!(stack.config.kafka.brokers.starts_with("localhost:"));
+    let worker = stack.start_worker().await;
+    let user = stack.create_user().await;
+    for _ in 0..5 {
+        stack.post_event(&user, "page_view").await;
+    }
+    stack.wait_until_drained(Duration::from_secs(60)).await;
+    assert_eq!(stack.stats(&user).await["events_total"], 5);
+    worker.stop().await;
+}
+
+/// The events topic's metadata, fetched as the service's clients would; the error's text otherwise.
+async fn fetch_metadata(vars: Vec<(&'static str, String)>) -> Result<(), String> {
+    let topic = ("KAFKA_TOPIC", format!("tls-{}", testkit::unique()));
+    let value = |name: &str| vars.iter().chain([&topic]).find(|(var, _)| *var == name).map(|(_, value)| value.clone());
+    let config = Config::from_lookup(value).unwrap();
+    let deadline = common::kafka::ENSURE_TOPICS_TIMEOUT + Duration::from_secs(10);
+    let result = tokio::time::timeout(deadline, common::kafka::ensure_topics(&config.kafka)).await;
+    result.expect("ensure_topics gives up by itself").map_err(|err| format!("{err:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafka_refuses_another_ca_another_name_a_plain_text_broker_and_unknown_sasl_users() {
+    let ca = TestCa::new("kafka");
+    let other_ca = TestCa::new("someone else");
+    let cert = ca.server_cert(&["localhost"]);
+    let tls = Broker::start_tls(&cert, false).await;
+    let authenticating = Broker::start_tls(&cert, true).await;
+    let plain = Broker::start().await;
+    let (ours, theirs) = (ca.ca_file(), other_ca.ca_file());
+    let (ours, theirs) = (ours.to_str().unwrap(), theirs.to_str().unwrap());
+    let by_address = tls.bootstrap().replace("localhost", "127.0.0.1");
+    let ssl = |brokers: &str, root: &str| {
+        vec![
+            ("KAFKA_BROKERS", brokers.to_owned()),
+            ("KAFKA_SECURITY_PROTOCOL", "SSL".into()),
+            ("KAFKA_SSL_CA_LOCATION", root.to_owned()),
+        ]
+    };
+    let sasl = |mechanism: &str| {
+        vec![
+            ("KAFKA_BROKERS", authenticating.bootstrap()),
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL".into()),
+            ("KAFKA_SSL_CA_LOCATION", ours.to_owned()),
+            ("KAFKA_SASL_MECHANISM", mechanism.to_owned()),
+            ("KAFKA_SASL_USERNAME", "nobody".into()),
+            ("KAFKA_SASL_PASSWORD", "wrong".into()),
+        ]
+    };
+    // (case, variables, what the error must say; None: connects)
+    let cases = [
+        ("verified", ssl(&tls.bootstrap(), ours), None),
+        ("another CA", ssl(&tls.bootstrap(), theirs), Some("certificate verify failed")),
+        ("another name", ssl(&by_address, ours), Some("certificate verify failed")),
+        ("a plain-text broker", ssl(&plain.bootstrap(), ours), Some("did not answer")),
+        ("SCRAM-SHA-512, unknown user", sasl("SCRAM-SHA-512"), Some("SASL")),
+        ("SCRAM-SHA-256, unknown user", sasl("SCRAM-SHA-256"), Some("SASL")),
+        ("PLAIN, unknown user", sasl("PLAIN"), Some("SASL")),
+    ];
+    // At once: each refusal takes the whole timeout.
+    let probes: Vec<_> = cases.iter().map(|(_, vars, _)| tokio::spawn(fetch_metadata(vars.clone()))).collect();
+    for ((case, _, expected), probe) in cases.iter().zip(probes) {
+        let outcome = probe.await.unwrap();
+        match expected {
+            None => assert_eq!(outcome, Ok(()), "{case}"),
+            Some(needle) => {
+                let error = outcome.expect_err(case);
+                assert!(error.contains(needle) && error.starts_with("Kafka at "), "{case}: {error}");
+            }
+        }
+    }
+}
