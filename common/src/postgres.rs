@@ -60,7 +60,14 @@ impl Connector {
             .dbname(&config.name)
             .application_name(application_name)
             .connect_timeout(config.connect_timeout.max(Duration::from_secs(1)))
+            // A server that vanished without closing (a partition, a frozen host) is noticed in about
+            // half a minute rather than the kernel's two hours: idle probes after 10 s, 3 more 5 s apart,
+            // and unacknowledged data gives up after 30 s.
             .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .tcp_user_timeout(Duration::from_secs(30))
             .options(format!("-c statement_timeout={}", config.statement_timeout.as_millis()))
             .ssl_mode(match config.ssl_mode {
                 SslMode::Disable => WireSslMode::Disable,
@@ -123,6 +130,8 @@ mod tests {
         assert_eq!(config.get_password(), Some(r"it's\secret".as_bytes()));
         assert_eq!(config.get_options(), Some("-c statement_timeout=5000"));
         assert_eq!(config.get_ssl_mode(), WireSslMode::Disable);
+        let dead_peer = (config.get_keepalives_idle(), config.get_tcp_user_timeout());
+        assert_eq!(dead_peer, (Duration::from_secs(10), Some(&Duration::from_secs(30))));
         assert!(connector.0.tls.is_none());
         assert_eq!(connector.0.target, "postgres at db.internal:5432/highload_db");
     }

@@ -14,7 +14,7 @@ use common::pool::DbPool;
 use diesel::QueryableByName;
 use diesel::result::Error as DieselError;
 use diesel::sql_types::Uuid as SqlUuid;
-use diesel_async::RunQueryDsl;
+use diesel_async::{AnsiTransactionManager, RunQueryDsl, TransactionManager};
 use uuid::Uuid;
 
 /// Why applying an event failed.
@@ -68,30 +68,50 @@ SELECT id FROM claimed";
 /// Applies the effects of a batch of events (one lane's, in order) and says what it did to each.
 ///
 /// Client events are claimed and counted in one statement; a `user_deleted` then removes the user's
-/// counters (a no-op when the deletion's cascade got there first). A failure fails the whole batch:
-/// nothing of it is committed, and the caller retries or splits it.
+/// counters (a no-op when the deletion's cascade got there first), in the same transaction. A failure
+/// fails the whole batch: nothing of it is committed, and the caller retries or splits it.
 pub async fn apply(pool: &DbPool, events: &[&EventMessage]) -> Result<Vec<Applied>, EffectError> {
     let mut conn = pool.get().await.map_err(|err| EffectError::Unavailable(err.to_string()))?;
     let client_events: Vec<Uuid> = events.iter().filter(|event| !event.is_lifecycle()).map(|event| event.id).collect();
-    let claimed: HashSet<Uuid> = if client_events.is_empty() {
-        HashSet::new()
-    } else {
-        Prepared::new(CLAIM_AND_COUNT, vec![Bind::Uuids(&client_events)])
-            .load::<Claimed>(&mut conn)
-            .await
-            .map_err(classify)?
-            .into_iter()
-            .map(|row| row.id)
-            .collect()
-    };
     let deleted_users: Vec<Uuid> =
         events.iter().filter(|event| event.event_type == lifecycle::USER_DELETED).map(|event| event.user_id).collect();
-    if !deleted_users.is_empty() {
-        Prepared::new("DELETE FROM user_event_stats WHERE user_id = ANY($1)", vec![Bind::Uuids(&deleted_users)])
-            .execute(&mut conn)
-            .await
-            .map_err(classify)?;
+    // Two statements are one transaction (one alone is atomic anyway, and deletions are rare).
+    let both = !client_events.is_empty() && !deleted_users.is_empty();
+    if both {
+        AnsiTransactionManager::begin_transaction(&mut *conn).await.map_err(classify)?;
     }
+    let result = async {
+        let claimed: HashSet<Uuid> = if client_events.is_empty() {
+            HashSet::new()
+        } else {
+            Prepared::new(CLAIM_AND_COUNT, vec![Bind::Uuids(&client_events)])
+                .load::<Claimed>(&mut conn)
+                .await?
+                .into_iter()
+                .map(|row| row.id)
+                .collect()
+        };
+        if !deleted_users.is_empty() {
+            Prepared::new("DELETE FROM user_event_stats WHERE user_id = ANY($1)", vec![Bind::Uuids(&deleted_users)])
+                .execute(&mut conn)
+                .await?;
+        }
+        if both {
+            AnsiTransactionManager::commit_transaction(&mut *conn).await?;
+        }
+        Ok(claimed)
+    }
+    .await;
+    let claimed = match result {
+        Ok(claimed) => claimed,
+        Err(err) => {
+            if both {
+                // A failed rollback leaves the connection marked broken; the pool then discards it.
+                let _ = AnsiTransactionManager::rollback_transaction(&mut *conn).await;
+            }
+            return Err(classify(err));
+        }
+    };
     Ok(events
         .iter()
         .map(|event| {

@@ -21,6 +21,8 @@ pub struct Pagination {
 impl Pagination {
     /// Largest page size.
     pub const MAX_LIMIT: u32 = 100;
+    /// Deepest row `page` reaches (page × limit); beyond, `cursor`.
+    pub const MAX_PAGED_ROWS: u64 = 10_000;
     const DEFAULT_LIMIT: u32 = 10;
 
     /// Reads `page`, `cursor` and `limit` from a raw query string; other parameters are ignored.
@@ -40,7 +42,15 @@ impl Pagination {
             return Err(ApiError::invalid_field("cursor", "give either page or cursor, not both"));
         }
         let page = if after.is_some() { None } else { Some(page.unwrap_or(1)) };
-        Ok(Self { page, after, limit: limit.unwrap_or(Self::DEFAULT_LIMIT) })
+        let limit = limit.unwrap_or(Self::DEFAULT_LIMIT);
+        // An OFFSET makes PostgreSQL read and drop every skipped row: deep pages are the cursor's job.
+        if page.is_some_and(|page| u64::from(page) * u64::from(limit) > Self::MAX_PAGED_ROWS) {
+            return Err(ApiError::invalid_field(
+                "page",
+                format!("page × limit reaches at most {} rows; go further with cursor", Self::MAX_PAGED_ROWS),
+            ));
+        }
+        Ok(Self { page, after, limit })
     }
 
     /// Rows to skip before the page (zero when it starts at a cursor).
@@ -70,11 +80,20 @@ impl Cursor {
         let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| invalid())?;
         let text = std::str::from_utf8(&bytes).map_err(|_| invalid())?;
         let (micros, id) = text.split_once('|').ok_or_else(invalid)?;
-        let created_at = micros.parse().ok().and_then(DateTime::from_timestamp_micros).ok_or_else(invalid)?;
+        // Only times a row can have: others do not fit PostgreSQL's timestamp (a forged cursor).
+        let created_at = micros
+            .parse::<i64>()
+            .ok()
+            .filter(|micros| (0..=MAX_CURSOR_MICROS).contains(micros))
+            .and_then(DateTime::from_timestamp_micros)
+            .ok_or_else(invalid)?;
         let id = Uuid::try_parse(id).map_err(|_| invalid())?;
         Ok(Self { created_at, id })
     }
 }
+
+/// 9999-12-31T23:59:59.999999Z.
+const MAX_CURSOR_MICROS: i64 = 253_402_300_799_999_999;
 
 fn parse_bounded(name: &str, value: &str, min: u32, max: u32) -> Result<u32, ApiError> {
     match value.parse::<u32>() {
@@ -97,9 +116,24 @@ mod tests {
 
     #[test]
     fn out_of_range_or_malformed_is_an_error() {
-        for query in ["page=0", "page=-1", "page=abc", "page=", "limit=0", "limit=101", "limit=1.5", "page=99999999999"]
-        {
+        for query in [
+            "page=0",
+            "page=-1",
+            "page=abc",
+            "page=",
+            "limit=0",
+            "limit=101",
+            "limit=1.5",
+            "page=99999999999",
+            "page=1001",
+            "page=101&limit=100",
+            "page=4294967295&limit=100",
+        ] {
             assert!(Pagination::from_query(Some(query)).is_err(), "{query}");
+        }
+        // The deepest pages `page` reaches.
+        for query in ["page=1000", "page=100&limit=100", "page=10000&limit=1"] {
+            assert!(Pagination::from_query(Some(query)).is_ok(), "{query}");
         }
     }
 
@@ -117,12 +151,17 @@ mod tests {
         let valid = Cursor { created_at: Utc::now(), id: Uuid::nil() }.encode();
         let not_a_uuid = URL_SAFE_NO_PAD.encode("1|xyz");
         let not_a_time = URL_SAFE_NO_PAD.encode(format!("x|{}", Uuid::nil()));
+        // Valid for chrono, not for PostgreSQL (a forged cursor once made a 500).
+        let year_200000 = URL_SAFE_NO_PAD.encode(format!("6249223305600000000|{}", Uuid::nil()));
+        let before_1970 = URL_SAFE_NO_PAD.encode(format!("-1|{}", Uuid::nil()));
         for query in [
             "cursor=",
             "cursor=%%%",
             "cursor=abc",
             &format!("cursor={not_a_uuid}"),
             &format!("cursor={not_a_time}"),
+            &format!("cursor={year_200000}"),
+            &format!("cursor={before_1970}"),
             &format!("cursor={valid}&page=2"),
         ] {
             assert!(Pagination::from_query(Some(query)).is_err(), "{query}");

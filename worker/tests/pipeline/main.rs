@@ -5,6 +5,7 @@
 
 mod chaos;
 mod delivery;
+mod effects;
 mod faults;
 mod group;
 mod helpers;
