@@ -187,3 +187,33 @@ async fn a_bad_variable_stops_the_binary_naming_it() {
         assert!(stderr.contains(var), "{var}: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_users_deletion_finds_its_outbox_rows_by_index_even_with_a_generic_plan() {
+    let app = spawn_app().await;
+    let mut conn = connect(&app.config.database.name).await;
+    // A generic plan cannot see the bound values: the index serves only if the query's own text
+    // implies the partial index's condition. Sequential scans are ruled out so that the tiny test
+    // table does not make the planner prefer one anyway.
+    for statement in [
+        "SET plan_cache_mode = force_generic_plan".to_owned(),
+        "SET enable_seqscan = off".to_owned(),
+        format!("PREPARE forget (text, uuid) AS {}", api::outbox::FORGET_USER),
+    ] {
+        diesel::sql_query(statement).execute(&mut conn).await.unwrap();
+    }
+    #[derive(diesel::QueryableByName)]
+    struct Plan {
+        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
+        line: String,
+    }
+    let plan: Vec<Plan> = diesel::sql_query(format!("EXPLAIN EXECUTE forget ('{{}}', '{}')", uuid::Uuid::nil()))
+        .load(&mut conn)
+        .await
+        .unwrap();
+    let plan: Vec<String> = plan.into_iter().map(|row| row.line).collect();
+    assert!(plan.iter().any(|line| line.contains("outbox_user_lifecycle_idx")), "{plan:#?}");
+    for event_type in common::kafka::lifecycle::ALL.iter().filter(|name| **name != "user_deleted") {
+        assert!(api::outbox::FORGET_USER.contains(&format!("'{event_type}'")), "{event_type}");
+    }
+}
