@@ -75,7 +75,12 @@ impl App {
         let kafka = config.kafka.clone();
         tokio::spawn(async move {
             if let Err(err) = common::kafka::ensure_topics(&kafka).await {
-                tracing::warn!(error = %err, "could not ensure Kafka topics; the worker creates them too");
+                let error = format!("{err:#}");
+                tracing::warn!(
+                    dependency = "kafka",
+                    error,
+                    "could not ensure Kafka topics; the worker creates them too"
+                );
             }
         });
         let listener = TcpListener::bind(config.server.addr)

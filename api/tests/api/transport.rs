@@ -288,3 +288,51 @@ async fn an_unusable_ca_file_stops_the_start_naming_the_variable() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_redis_and_kafka_certificates_are_logged_and_leave_the_api_degraded_not_down() {
+    let ca = TestCa::new("dependencies");
+    let other_ca = TestCa::new("someone else");
+    let cert = ca.server_cert(&["localhost"]);
+    let redis = PrivateRedis::start_tls(&ca, &cert, &[]);
+    let broker = testkit::Broker::start_tls(&cert, false).await;
+    let port = testkit::closed_port();
+    let mut vars = testkit::service_vars();
+    for (name, value) in [
+        ("DB_NAME", testkit::create_database().await),
+        ("SERVER_PORT", port.to_string()),
+        ("LOG_FORMAT", "json".into()),
+        ("REDIS_HOST", "localhost".into()),
+        ("REDIS_PORT", redis.port.to_string()),
+        ("REDIS_TLS", "true".into()),
+        ("REDIS_CA_CERT", other_ca.ca_file().display().to_string()),
+        ("KAFKA_BROKERS", broker.bootstrap()),
+        ("KAFKA_SECURITY_PROTOCOL", "SSL".into()),
+        ("KAFKA_SSL_CA_LOCATION", other_ca.ca_file().display().to_string()),
+    ] {
+        vars.insert(name.into(), value);
+    }
+    let process = testkit::Process::spawn(env!("CARGO_BIN_EXE_api").as_ref(), &vars);
+    // Ready: requests are served from PostgreSQL and the outbox keeps the events (SPEC §6); a cache or
+    // a broker that cannot be verified degrades the api rather than taking every replica down.
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    testkit::eventually("the api ready", Duration::from_secs(20), || async {
+        let status = reqwest::get(url("/health/ready")).await.ok()?.status();
+        (status == 200).then_some(())
+    })
+    .await;
+    let health: serde_json::Value = reqwest::get(url("/health")).await.unwrap().json().await.unwrap();
+    assert_eq!(health["status"], json!("degraded"), "{health}");
+    assert_eq!(health["checks"]["redis"]["status"], json!("down"), "{health}");
+    assert_eq!(health["checks"]["kafka"]["status"], json!("down"), "{health}");
+    // Each refusal is a log line naming the dependency and the reason.
+    for (needle, dependency, reason) in [
+        ("cannot connect to Redis", "redis", "invalid peer certificate: UnknownIssuer"),
+        ("could not ensure Kafka topics", "kafka", "certificate verify failed"),
+    ] {
+        let line = process.line_containing(needle, common::kafka::ENSURE_TOPICS_TIMEOUT * 2).await;
+        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(line["dependency"], json!(dependency), "{line}");
+        assert!(line["error"].as_str().unwrap().contains(reason), "{line}");
+    }
+}
