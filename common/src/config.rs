@@ -190,7 +190,7 @@ pub struct WorkerConfig {
     pub concurrency: NonZeroU32,
     /// Attempts at a failing event before it is dead-lettered.
     pub max_retries: u32,
-    /// First retry delay; doubles per attempt.
+    /// First retry delay; doubles per attempt (see [`crate::backoff::Backoff`]).
     pub retry_backoff: Duration,
     /// Messages in flight before the consumer pauses fetching.
     pub max_in_flight: NonZeroU32,

@@ -6,8 +6,9 @@
 //! - [`kafka`]: the message on the events topic, client settings, topic creation.
 //! - [`pool`]: the PostgreSQL connection pool both binaries use, its connections opened by
 //!   [`postgres`] (TLS through [`tls`]); [`metrics`]: Prometheus plumbing.
-//! - [`telemetry`]: log subscriber; [`shutdown`]: termination signals.
+//! - [`telemetry`]: log subscriber; [`shutdown`]: termination signals; [`backoff`]: retry delays.
 
+pub mod backoff;
 pub mod config;
 pub mod db;
 pub mod kafka;

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use common::backoff::Backoff;
 use common::kafka::{EventMessage, headers};
 use common::pool::DbPool;
 use rdkafka::Message;
@@ -108,7 +109,7 @@ enum BatchOutcome {
 async fn apply_batch(context: &LaneContext, batch: &[Job], events: &[EventMessage]) -> BatchOutcome {
     let started = std::time::Instant::now();
     let refs: Vec<&EventMessage> = events.iter().collect();
-    let mut backoff = context.retry_backoff;
+    let mut backoff = Backoff::new(context.retry_backoff, MAX_BACKOFF);
     loop {
         match effects::apply(&context.pool, &refs).await {
             Ok(applied) => {
@@ -129,10 +130,9 @@ async fn apply_batch(context: &LaneContext, batch: &[Job], events: &[EventMessag
                 return BatchOutcome::Split;
             }
         }
-        if sleep_unless_stopped(context, backoff).await.is_none() {
+        if sleep_unless_stopped(context, backoff.next_delay()).await.is_none() {
             return BatchOutcome::Stopped;
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -207,7 +207,7 @@ async fn process(context: &LaneContext, job: &Job, span: &tracing::Span) -> Opti
 
     let started = std::time::Instant::now();
     let mut attempt = 0;
-    let mut backoff = context.retry_backoff;
+    let mut backoff = Backoff::new(context.retry_backoff, MAX_BACKOFF);
     loop {
         match effects::apply(&context.pool, &[&event]).await {
             Ok(applied) => {
@@ -229,8 +229,7 @@ async fn process(context: &LaneContext, job: &Job, span: &tracing::Span) -> Opti
                 tracing::warn!(error, attempt, "event failed; retrying");
             }
         }
-        sleep_unless_stopped(context, backoff).await?;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        sleep_unless_stopped(context, backoff.next_delay()).await?;
     }
 }
 
@@ -276,14 +275,13 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
-    let mut backoff = context.retry_backoff;
+    let mut backoff = Backoff::new(context.retry_backoff, MAX_BACKOFF);
     loop {
         match step().await {
             Ok(()) => return Some(()),
             Err(error) => tracing::warn!(error, "{what} failed; retrying"),
         }
-        sleep_unless_stopped(context, backoff).await?;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        sleep_unless_stopped(context, backoff.next_delay()).await?;
     }
 }
 

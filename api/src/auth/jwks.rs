@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use common::backoff::Backoff;
 use common::config::{JwksSource, JwtConfig};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
@@ -216,19 +217,15 @@ impl KeySet {
 }
 
 async fn refresh_periodically(keys: Weak<KeySet>, period: Duration) {
-    let mut retry_delay = FIRST_RETRY_DELAY;
+    let mut retry = Backoff::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY.min(period));
     loop {
         let Some(set) = keys.upgrade() else { return };
         let next = match set.refresh("schedule").await {
             Ok(()) => {
-                retry_delay = FIRST_RETRY_DELAY;
+                retry.reset();
                 period
             }
-            Err(_) => {
-                let delay = retry_delay.min(period);
-                retry_delay = (retry_delay * 2).min(MAX_RETRY_DELAY);
-                delay
-            }
+            Err(_) => retry.next_delay(),
         };
         drop(set);
         tokio::time::sleep(next).await;

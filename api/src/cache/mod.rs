@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::backoff::Backoff;
 use common::config::RedisConfig;
 use prometheus::IntCounterVec;
 use redis::{RedisResult, Script};
@@ -271,13 +272,12 @@ impl Inner {
         let inner = Arc::clone(self);
         tokio::spawn(async move {
             let give_up_at = Instant::now() + inner.ttl;
-            let mut delay = Duration::from_millis(50);
+            let mut backoff = Backoff::new(Duration::from_millis(50), WRITE_RETRY_INTERVAL);
             while Instant::now() < give_up_at {
-                tokio::time::sleep(delay).await;
+                tokio::time::sleep(backoff.next_delay()).await;
                 if inner.compare_and_set(id, version, &body).await.is_ok() {
                     break;
                 }
-                delay = (delay * 2).min(WRITE_RETRY_INTERVAL);
             }
             if let Ok(mut pending) = inner.pending_writes.lock() {
                 pending.remove(&id);

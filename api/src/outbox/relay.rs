@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::backoff::Backoff;
 use common::config::Config;
 use common::db::models::OutboxRow;
 use common::db::schema::outbox;
@@ -71,7 +72,7 @@ impl Relay {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut leader: Option<AsyncPgConnection> = None;
         let mut in_flight: VecDeque<Batch> = VecDeque::new();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
         while !stopped(&stop) {
             let Some(conn) = leader.as_mut() else {
                 leader = self.try_become_leader().await;
@@ -83,13 +84,12 @@ impl Relay {
             if let Err(err) = self.send_more(conn, &mut in_flight).await {
                 tracing::warn!(error = %err, "outbox relay lost its database connection; re-electing");
                 (leader, in_flight) = (None, VecDeque::new());
-                wait(&mut stop, backoff, None).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                wait(&mut stop, backoff.next_delay(), None).await;
                 continue;
             }
             let room = in_flight.len() < MAX_BATCHES_IN_FLIGHT;
             let Some(oldest) = in_flight.front_mut() else {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 wait(&mut stop, self.config.outbox.poll_interval, Some(&self.signal)).await;
                 continue;
             };
@@ -102,12 +102,11 @@ impl Relay {
             };
             let batch = in_flight.pop_front().expect("the oldest batch is in flight");
             match self.record(conn, &batch.ids, &results).await {
-                Ok(()) => backoff = Duration::from_millis(100),
+                Ok(()) => backoff.reset(),
                 Err(BatchError::Database(err)) => {
                     tracing::warn!(error = %err, "outbox relay lost its database connection; re-electing");
                     (leader, in_flight) = (None, VecDeque::new());
-                    wait(&mut stop, backoff, None).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    wait(&mut stop, backoff.next_delay(), None).await;
                 }
                 Err(BatchError::Kafka(failed)) => {
                     tracing::warn!(
@@ -122,8 +121,7 @@ impl Relay {
                         Ok(producer) => self.producer = producer,
                         Err(err) => tracing::error!(error = %err, "could not recreate the Kafka producer"),
                     }
-                    wait(&mut stop, backoff, None).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    wait(&mut stop, backoff.next_delay(), None).await;
                 }
             }
         }
