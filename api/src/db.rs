@@ -31,7 +31,7 @@ pub fn pool(config: &DatabaseConfig) -> anyhow::Result<DbPool> {
 /// advisory lock so that concurrent starts take turns, then grants the running binaries' role
 /// (`DB_USER`) what they need when it is another role: DML on the service's tables, nothing more.
 pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<()> {
-    let mut conn = Connector::new(&config.as_migration_owner(), APPLICATION_NAME)?
+    let mut conn = Connector::new(&config.as_migration_owner()?, APPLICATION_NAME)?
         .connect()
         .await
         .context("failed to connect to PostgreSQL to run migrations")?;

@@ -8,17 +8,18 @@
 //! - `MAX_INFLIGHT_REQUESTS` [1024]: requests served at once; beyond, 503 + `Retry-After`.
 //! - `DB_HOST` [localhost], `DB_PORT` [5432], `DB_USER` [postgres], `DB_PASSWORD` [postgres],
 //!   `DB_NAME` [highload_db]: PostgreSQL, as the running binaries' role (DML only is enough).
-//! - `DB_MIGRATION_USER` [= DB_USER], `DB_MIGRATION_PASSWORD` [= DB_PASSWORD]: the schema's owner,
+//! - `DB_MIGRATION_USER` [= DB_USER], `DB_MIGRATION_PASSWORD` [= DB_PASSWORD; required when the
+//!   users differ]: the schema's owner,
 //!   used by `api migrate` (and by the api's start when `RUN_MIGRATIONS` is on).
-//! - `DB_SSLMODE` [disable|prefer|require|verify-ca|verify-full] (libpq's meanings) and
+//! - `DB_SSLMODE` [disable] (or prefer, require, verify-ca, verify-full: libpq's meanings) and
 //!   `DB_SSLROOTCERT` [none]: CA bundle (PEM) the verify modes need; with `require` it verifies the
-//!   chain as `verify-ca` does, as in libpq.
+//!   chain as `verify-ca` does, as in libpq; refused with disable and prefer.
 //! - `DB_POOL_MAX_SIZE` [16], `DB_POOL_MIN_IDLE` [2]: connection pool bounds.
 //! - `DB_POOL_TIMEOUT_MS` [2000]: longest wait for a pooled connection before answering 503.
-//! - `DB_CONNECT_TIMEOUT` [5]: TCP connect + startup of one new connection.
+//! - `DB_CONNECT_TIMEOUT` [5]: TCP connect, TLS handshake and startup of one new connection.
 //! - `DB_STATEMENT_TIMEOUT_MS` [5000]: PostgreSQL cancels any statement running longer.
 //! - `REDIS_HOST` [localhost], `REDIS_PORT` [6379], `REDIS_USERNAME` [none: the default user],
-//!   `REDIS_PASSWORD` [none], `REDIS_DB` [0]: the cache and the rate limiter's buckets.
+//!   `REDIS_PASSWORD` [none; required with a user], `REDIS_DB` [0]: the cache and the rate limiter's buckets.
 //! - `REDIS_TLS` [false]: TLS to Redis (as `rediss://`), the server's name always verified;
 //!   `REDIS_CA_CERT` [none: the system's roots]: CA bundle (PEM) to verify it with.
 //! - `REDIS_POOL_MAX_SIZE` [8]; `REDIS_TIMEOUT_MS` [100]: longest wait for one cache operation
@@ -29,8 +30,8 @@
 //! - `KAFKA_BROKERS` [localhost:9092] (comma-separated), `KAFKA_TOPIC` [user-events],
 //!   `KAFKA_GROUP_ID` [highload-service], `KAFKA_TOPIC_PARTITIONS` [12] and
 //!   `KAFKA_REPLICATION_FACTOR` [1] (used when a binary creates missing topics).
-//! - `KAFKA_SECURITY_PROTOCOL` [PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL]; with SASL,
-//!   `KAFKA_SASL_MECHANISM` [PLAIN|SCRAM-SHA-256|SCRAM-SHA-512], `KAFKA_SASL_USERNAME` and
+//! - `KAFKA_SECURITY_PROTOCOL` [PLAINTEXT] (or SSL, SASL_PLAINTEXT, SASL_SSL); with SASL,
+//!   `KAFKA_SASL_MECHANISM` [PLAIN] (or SCRAM-SHA-256, SCRAM-SHA-512), `KAFKA_SASL_USERNAME` and
 //!   `KAFKA_SASL_PASSWORD` (required); with SSL, `KAFKA_SSL_CA_LOCATION` [none: the system's roots]:
 //!   CA bundle (PEM) for the brokers' certificates, whose names are always verified.
 //! - `KAFKA_SESSION_TIMEOUT_MS` [10000], `KAFKA_HEARTBEAT_INTERVAL_MS` [1000]: consumer group liveness.
@@ -224,8 +225,8 @@ pub struct DatabaseConfig {
     pub password: Secret,
     /// Role that owns the schema and runs migrations (often `user`).
     pub migration_user: String,
-    /// Its password.
-    pub migration_password: Secret,
+    /// Its password, if set (see [`DatabaseConfig::as_migration_owner`]).
+    pub migration_password: Option<Secret>,
     /// TLS to the server.
     pub ssl_mode: SslMode,
     /// CA bundle for verifying the server's certificate.
@@ -356,9 +357,7 @@ impl Config {
                 user: env.string("DB_USER", "postgres"),
                 password: Secret(env.string("DB_PASSWORD", "postgres")),
                 migration_user: env.optional("DB_MIGRATION_USER").unwrap_or_else(|| env.string("DB_USER", "postgres")),
-                migration_password: Secret(
-                    env.optional("DB_MIGRATION_PASSWORD").unwrap_or_else(|| env.string("DB_PASSWORD", "postgres")),
-                ),
+                migration_password: env.optional("DB_MIGRATION_PASSWORD").map(Secret),
                 ssl_mode: match env.optional("DB_SSLMODE").as_deref().map(str::trim) {
                     None | Some("disable") => SslMode::Disable,
                     Some("prefer") => SslMode::Prefer,
@@ -598,10 +597,14 @@ impl KafkaSecurity {
 }
 
 impl RedisConfig {
-    /// A CA without TLS would mean plain text the operator did not want: refused.
+    /// A CA without TLS would mean plain text the operator did not want, and a user without a
+    /// password the `default` user (the client logs in only when given a password): both refused.
     fn checked(self, env: &Env<'_>) -> Result<Self, ConfigError> {
         if self.ca_cert.is_some() && !self.tls {
             return Err(env.invalid("REDIS_CA_CERT", "set, but REDIS_TLS is false".into()));
+        }
+        if self.username.is_some() && self.password.is_none() {
+            return Err(env.invalid("REDIS_PASSWORD", "required with REDIS_USERNAME".into()));
         }
         Ok(self)
     }
@@ -617,12 +620,28 @@ impl DatabaseConfig {
         if matches!(self.ssl_mode, SslMode::VerifyCa | SslMode::VerifyFull) && self.ssl_root_cert.is_none() {
             return Err(env.invalid("DB_SSLROOTCERT", "required by DB_SSLMODE verify-ca and verify-full".into()));
         }
+        // libpq would ignore it; here a CA that verifies nothing is refused, as for Redis and Kafka.
+        if matches!(self.ssl_mode, SslMode::Disable | SslMode::Prefer) && self.ssl_root_cert.is_some() {
+            return Err(env.invalid("DB_SSLROOTCERT", "set, but DB_SSLMODE disable or prefer verifies nothing".into()));
+        }
         Ok(self)
     }
 
-    /// The same settings with the migration owner's credentials.
-    pub fn as_migration_owner(&self) -> Self {
-        Self { user: self.migration_user.clone(), password: self.migration_password.clone(), ..self.clone() }
+    /// The same settings with the migration owner's credentials. Only `api migrate` needs the owner's
+    /// password, so only it fails without one (the running binaries never see it); another owner than
+    /// `DB_USER` must have its own, lest it be sent the runtime role's.
+    pub fn as_migration_owner(&self) -> Result<Self, ConfigError> {
+        let password = match &self.migration_password {
+            Some(password) => password.clone(),
+            None if self.migration_user == self.user => self.password.clone(),
+            None => {
+                return Err(ConfigError {
+                    var: "DB_MIGRATION_PASSWORD",
+                    reason: "required when DB_MIGRATION_USER differs from DB_USER".into(),
+                });
+            }
+        };
+        Ok(Self { user: self.migration_user.clone(), password, ..self.clone() })
     }
 }
 
@@ -720,6 +739,7 @@ mod tests {
             ("DB_SSLMODE", "allow"),
             ("REDIS_TLS", "tls"),
             ("REDIS_CA_CERT", "/ca.pem"),
+            ("DB_SSLROOTCERT", "/ca.pem"),
             ("KAFKA_SECURITY_PROTOCOL", "TLS"),
             ("KAFKA_SSL_CA_LOCATION", "/ca.pem"),
             ("KAFKA_SASL_PASSWORD", "secret"),
@@ -785,11 +805,14 @@ mod tests {
 
     #[test]
     fn migrations_run_as_the_runtime_role_unless_an_owner_is_named() {
-        let same = config(&[("DB_USER", "app"), ("DB_PASSWORD", "pw")]).unwrap().database.as_migration_owner();
+        let same = config(&[("DB_USER", "app"), ("DB_PASSWORD", "pw")]).unwrap().database.as_migration_owner().unwrap();
         assert_eq!((same.user.as_str(), same.password.expose()), ("app", "pw"));
+        let unset = config(&[("DB_MIGRATION_USER", "owner")]).unwrap().database.as_migration_owner();
+        assert_eq!(unset.unwrap_err().var, "DB_MIGRATION_PASSWORD");
+        assert_eq!(config(&[("REDIS_USERNAME", "app")]).unwrap_err().var, "REDIS_PASSWORD");
         let vars = [("DB_USER", "app"), ("DB_MIGRATION_USER", "owner"), ("DB_MIGRATION_PASSWORD", "secret")];
         let database = config(&vars).unwrap().database;
-        let owner = database.as_migration_owner();
+        let owner = database.as_migration_owner().unwrap();
         assert_eq!((owner.user.as_str(), owner.password.expose(), database.user.as_str()), ("owner", "secret", "app"));
         assert!(!format!("{database:?}").contains("secret"));
     }

@@ -83,8 +83,16 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     if config.security.tls {
         client.set("enable.ssl.certificate.verification", "true").set("ssl.endpoint.identification.algorithm", "https");
     }
-    if let Some(ca) = &config.security.ssl_ca_location {
-        client.set("ssl.ca.location", ca.display().to_string());
+    match &config.security.ssl_ca_location {
+        Some(ca) => {
+            client.set("ssl.ca.location", ca.display().to_string());
+        }
+        // OpenSSL's compiled-in default is /usr/lib/ssl, which the distroless runtime image lacks; the
+        // probe finds the bundle it has (/etc/ssl/certs/ca-certificates.crt).
+        None if config.security.tls => {
+            client.set("ssl.ca.location", "probe");
+        }
+        None => {}
     }
     if let Some(sasl) = &config.security.sasl {
         client
@@ -224,5 +232,36 @@ impl ClientContext for ReportingContext {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::error!(dependency = "kafka", error = %error, reason, "Kafka client error");
         self.remember(reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn settings(vars: &[(&str, &str)]) -> ClientConfig {
+        let config = Config::from_lookup(|name| vars.iter().find(|(var, _)| *var == name).map(|(_, v)| v.to_string()));
+        client_config(&config.unwrap().kafka)
+    }
+
+    #[test]
+    fn tls_always_verifies_and_finds_the_systems_roots_without_a_ca() {
+        let plain = settings(&[]);
+        assert_eq!((plain.get("security.protocol"), plain.get("ssl.ca.location")), (Some("plaintext"), None));
+        let ssl = settings(&[("KAFKA_SECURITY_PROTOCOL", "SSL")]);
+        assert_eq!(ssl.get("ssl.ca.location"), Some("probe"));
+        assert_eq!(ssl.get("ssl.endpoint.identification.algorithm"), Some("https"));
+        assert_eq!(ssl.get("enable.ssl.certificate.verification"), Some("true"));
+        let sasl = settings(&[
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("KAFKA_SASL_USERNAME", "svc"),
+            ("KAFKA_SASL_PASSWORD", "pw"),
+            ("KAFKA_SSL_CA_LOCATION", "/ca.pem"),
+        ]);
+        let values = ["security.protocol", "sasl.mechanism", "sasl.username", "sasl.password", "ssl.ca.location"]
+            .map(|key| sasl.get(key).unwrap_or_default().to_owned());
+        assert_eq!(values, ["sasl_ssl", "SCRAM-SHA-512", "svc", "pw", "/ca.pem"]);
     }
 }

@@ -82,18 +82,13 @@ impl Connector {
         })))
     }
 
-    /// Opens a connection. A failure carries its whole cause chain (a TLS error says which check
-    /// failed) and is logged, naming the server, at most once per [`LOG_EVERY`].
+    /// Opens a connection within `DB_CONNECT_TIMEOUT`, TLS handshake and startup included. A failure
+    /// carries its whole cause chain (a TLS error says which check failed) and is logged, naming the
+    /// server, at most once per [`LOG_EVERY`].
     pub async fn connect(&self) -> Result<AsyncPgConnection, ConnectionError> {
-        let result = match &self.0.tls {
-            None => match self.0.config.connect(NoTls).await {
-                Ok((client, connection)) => AsyncPgConnection::try_from_client_and_connection(client, connection).await,
-                Err(err) => Err(self.failure(err)),
-            },
-            Some(tls) => match self.0.config.connect(tls.clone()).await {
-                Ok((client, connection)) => AsyncPgConnection::try_from_client_and_connection(client, connection).await,
-                Err(err) => Err(self.failure(err)),
-            },
+        let result = match self.open().await {
+            Ok(conn) => Ok(conn),
+            Err(Failure::Refused(err) | Failure::Unreachable(err)) => Err(ConnectionError::BadConnection(err)),
         };
         if let Err(err) = &result {
             self.log(err);
@@ -101,8 +96,54 @@ impl Connector {
         result
     }
 
-    fn failure(&self, err: tokio_postgres::Error) -> ConnectionError {
-        ConnectionError::BadConnection(format!("{}: {:#}", self.0.target, anyhow::Error::new(err)))
+    /// Fails if the server refuses these settings: a certificate that does not verify, no TLS where
+    /// the mode demands it, a role, password or database it does not know. Waiting cures none of
+    /// those, so a process checks at start and stops, rather than retrying for ever. A server that is
+    /// merely unreachable passes: the pool keeps trying.
+    pub async fn check(&self) -> anyhow::Result<()> {
+        match self.open().await {
+            Err(Failure::Refused(err)) => {
+                tracing::error!(dependency = "postgres", error = %err, "PostgreSQL refuses this configuration");
+                Err(anyhow::anyhow!(err))
+            }
+            Err(Failure::Unreachable(err)) => {
+                tracing::warn!(dependency = "postgres", error = %err, "PostgreSQL unreachable at start; retrying");
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+
+    async fn open(&self) -> Result<AsyncPgConnection, Failure> {
+        let deadline = self.0.config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(5));
+        let attempt = async {
+            let connected = match &self.0.tls {
+                None => match self.0.config.connect(NoTls).await {
+                    Ok((client, connection)) => {
+                        AsyncPgConnection::try_from_client_and_connection(client, connection).await
+                    }
+                    Err(err) => return Err(self.failure(err)),
+                },
+                Some(tls) => match self.0.config.connect(tls.clone()).await {
+                    Ok((client, connection)) => {
+                        AsyncPgConnection::try_from_client_and_connection(client, connection).await
+                    }
+                    Err(err) => return Err(self.failure(err)),
+                },
+            };
+            connected.map_err(|err| Failure::Unreachable(format!("{}: {err}", self.0.target)))
+        };
+        // tokio-postgres bounds the TCP connect only: a peer that accepts and then says nothing (a
+        // wrong port, a stalled proxy) would otherwise hold a pool slot for ever.
+        tokio::time::timeout(deadline, attempt)
+            .await
+            .unwrap_or_else(|_| Err(Failure::Unreachable(format!("{}: no answer within {deadline:?}", self.0.target))))
+    }
+
+    fn failure(&self, err: tokio_postgres::Error) -> Failure {
+        let refused = is_refusal(&err);
+        let message = format!("{}: {:#}", self.0.target, anyhow::Error::new(err));
+        if refused { Failure::Refused(message) } else { Failure::Unreachable(message) }
     }
 
     fn log(&self, err: &ConnectionError) {
@@ -110,6 +151,37 @@ impl Connector {
             tracing::error!(dependency = "postgres", error = %err, "cannot connect to PostgreSQL");
         }
     }
+}
+
+/// A failed attempt, and whether waiting could cure it.
+enum Failure {
+    /// The server (or its certificate) refuses these settings.
+    Refused(String),
+    /// Anything else: down, unreachable, slow, shutting down.
+    Unreachable(String),
+}
+
+/// Whether the server refused the settings rather than failed to answer: a TLS error (rustls's, or
+/// no TLS where the mode demands it) or an authorization error (SQLSTATE class 28, 3D000: no such
+/// database).
+fn is_refusal(err: &tokio_postgres::Error) -> bool {
+    if let Some(db) = err.as_db_error() {
+        let code = db.code().code();
+        return code.starts_with("28") || code == "3D000";
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(error) = cause {
+        // An io::Error's `source` skips the error it wraps: look inside.
+        let wrapped = error.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref);
+        if error.is::<rustls::Error>() || wrapped.is_some_and(|inner| inner.is::<rustls::Error>()) {
+            return true;
+        }
+        if error.to_string().contains("server does not support TLS") {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 #[cfg(test)]
@@ -147,9 +219,6 @@ mod tests {
             let err = connector(&[("DB_SSLMODE", "verify-full"), ("DB_SSLROOTCERT", path)]).err().unwrap();
             assert!(format!("{err:#}").starts_with("DB_SSLROOTCERT cannot be used"), "{err:#}");
         }
-        // Plain text never reads the file.
-        let missing = dir.join("missing.pem");
-        assert!(connector(&[("DB_SSLROOTCERT", missing.to_str().unwrap())]).is_ok());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

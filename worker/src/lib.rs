@@ -36,8 +36,14 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Creates the topics if missing, subscribes, binds `WORKER_HTTP_PORT`.
+    /// Checks that PostgreSQL accepts its settings, creates the topics if missing, subscribes, binds
+    /// `WORKER_HTTP_PORT`. A refused certificate or password stops it here: its readiness says
+    /// nothing of PostgreSQL, so retrying would hide the refusal behind a worker that looks healthy.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        common::postgres::Connector::new(&config.database, "highload-worker")
+            .context("invalid PostgreSQL configuration")?
+            .check()
+            .await?;
         common::kafka::ensure_topics(&config.kafka).await.context("failed to ensure Kafka topics")?;
         let (assigned_sender, assigned) = watch::channel(false);
         let (context, rebalances) = WorkerContext::new(assigned_sender);

@@ -52,18 +52,22 @@ async fn postgres_tls_modes_verify_as_libpq_does() {
     let server = PrivatePostgres::start_with_tls(&ca.server_cert(&["localhost"]));
     let (ours, theirs) = (ca.ca_file(), other_ca.ca_file());
     let (ours, theirs) = (ours.to_str().unwrap(), theirs.to_str().unwrap());
-    let cases: [Case; 10] = [
+    let cases: [Case; 13] = [
         ("localhost", "verify-full", Some(ours), Ok(true)),
+        ("127.0.0.1", "verify-full", Some(theirs), Err("invalid peer certificate: UnknownIssuer")),
         ("127.0.0.1", "verify-full", Some(ours), Err("certificate not valid for name \"127.0.0.1\"")),
         ("localhost", "verify-full", Some(theirs), Err("invalid peer certificate: UnknownIssuer")),
         ("127.0.0.1", "verify-ca", Some(ours), Ok(true)),
         ("localhost", "verify-ca", Some(theirs), Err("invalid peer certificate: UnknownIssuer")),
+        // Another name does not excuse another CA (verify-ca skips only the name check).
+        ("127.0.0.1", "verify-ca", Some(theirs), Err("invalid peer certificate: UnknownIssuer")),
         // libpq: `require` with a root certificate checks the chain, as verify-ca does.
         ("127.0.0.1", "require", Some(ours), Ok(true)),
         ("localhost", "require", Some(theirs), Err("invalid peer certificate: UnknownIssuer")),
+        ("127.0.0.1", "require", Some(theirs), Err("invalid peer certificate: UnknownIssuer")),
         ("127.0.0.1", "require", None, Ok(true)),
         ("127.0.0.1", "prefer", None, Ok(true)),
-        ("localhost", "disable", Some(theirs), Ok(false)),
+        ("localhost", "disable", None, Ok(false)),
     ];
     for (host, mode, root, expected) in cases {
         let mut tls = vec![("DB_SSLMODE", mode)];
@@ -138,12 +142,14 @@ async fn the_api_serves_over_verified_tls_and_refuses_a_certificate_for_another_
     vars.insert("RUN_MIGRATIONS".into(), "false".into());
     vars.insert("SERVER_PORT".into(), port.to_string());
     let process = testkit::Process::spawn(env!("CARGO_BIN_EXE_api").as_ref(), &vars);
-    let ready = format!("http://127.0.0.1:{port}/health/ready");
-    let status = testkit::eventually("the api answering", Duration::from_secs(10), || async {
-        reqwest::get(&ready).await.ok().map(|response| response.status())
+    // Once its issuer's keys are loaded, PostgreSQL alone keeps it from being ready.
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    testkit::eventually("the api answering with its keys loaded", Duration::from_secs(10), || async {
+        let health: serde_json::Value = reqwest::get(url("/health")).await.ok()?.json().await.ok()?;
+        (health["checks"]["jwks"]["status"] == "up").then_some(())
     })
     .await;
-    assert_eq!(status, 503);
+    assert_eq!(reqwest::get(url("/health/ready")).await.unwrap().status(), 503);
     let line = process.line_containing("cannot connect to PostgreSQL", Duration::from_secs(10)).await;
     let line: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(line["dependency"], json!("postgres"));

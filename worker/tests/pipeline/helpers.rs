@@ -245,7 +245,6 @@ pub async fn postgres_proxy() -> (FaultProxy, String) {
     (proxy, port)
 }
 
-/// A child process and the lines it wrote to stdout so far.
 /// Reads until `wanted` matches a message, or panics after `timeout`.
 pub async fn read_until(
     consumer: &StreamConsumer,

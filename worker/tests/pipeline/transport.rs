@@ -93,3 +93,45 @@ async fn kafka_refuses_another_ca_another_name_a_plain_text_broker_and_unknown_s
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_stops_at_start_when_postgres_or_kafka_refuse_its_settings() {
+    let ca = TestCa::new("dependencies");
+    let other_ca = TestCa::new("someone else");
+    let cert = ca.server_cert(&["localhost"]);
+    let postgres = testkit::PrivatePostgres::start_with_tls(&cert);
+    let broker = Broker::start_tls(&cert, false).await;
+    let mut vars = testkit::service_vars();
+    for (name, value) in [
+        ("DB_PORT", postgres.port.to_string()),
+        ("DB_NAME", "postgres".into()),
+        ("DB_SSLMODE", "verify-full".into()),
+        ("DB_SSLROOTCERT", ca.ca_file().display().to_string()),
+        ("KAFKA_BROKERS", broker.bootstrap()),
+        ("KAFKA_SECURITY_PROTOCOL", "SSL".into()),
+        ("KAFKA_SSL_CA_LOCATION", ca.ca_file().display().to_string()),
+        ("LOG_FORMAT", "json".into()),
+    ] {
+        vars.insert(name.into(), value);
+    }
+    let worker = std::path::PathBuf::from(env!("CARGO_BIN_EXE_worker"));
+    // (what is refused, the variable that makes it so, the log line's dependency and reason)
+    let other_root = other_ca.ca_file().display().to_string();
+    let cases = [
+        ("PostgreSQL's certificate", ("DB_HOST", "127.0.0.1"), "postgres", "certificate not valid for name"),
+        ("Kafka's certificate", ("KAFKA_SSL_CA_LOCATION", other_root.as_str()), "kafka", "certificate verify failed"),
+    ];
+    for (case, (name, value), dependency, reason) in cases {
+        let mut vars = vars.clone();
+        vars.insert("DB_HOST".into(), "localhost".into());
+        vars.insert(name.into(), value.into());
+        let mut process = testkit::Process::spawn(&worker, &vars);
+        let status = process.exit_within(common::kafka::ENSURE_TOPICS_TIMEOUT * 2).await;
+        assert!(!status.success(), "{case}: the worker kept running");
+        let logged = process.output().into_iter().any(|line| {
+            let line: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            line["level"] == "ERROR" && line["dependency"] == dependency && line.to_string().contains(reason)
+        });
+        assert!(logged, "{case}: no error line naming {dependency} and {reason:?} in {:#?}", process.output());
+    }
+}
