@@ -29,6 +29,7 @@ use common::backoff::Backoff;
 use common::config::RedisConfig;
 use prometheus::IntCounterVec;
 use redis::{RedisResult, Script};
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::redis_client::RedisClient;
@@ -137,14 +138,15 @@ impl UserCache {
     }
 
     /// Stores what a GET read from PostgreSQL, in the background (the response does not wait).
-    /// `read_started` is when that database read began.
-    pub fn fill(&self, id: Uuid, version: i64, body: Bytes, read_started: Instant) {
-        let Some(inner) = &self.0 else { return };
+    /// `read_started` is when that database read began. Returns the background task, if one was
+    /// started, for a test to wait on.
+    pub fn fill(&self, id: Uuid, version: i64, body: Bytes, read_started: Instant) -> Option<JoinHandle<()>> {
+        let inner = self.0.as_ref()?;
         if inner.reads_paused() || inner.is_pending(id) {
-            return;
+            return None;
         }
         let inner = Arc::clone(inner);
-        tokio::spawn(async move {
+        Some(tokio::spawn(async move {
             // Past half the TTL a newer entry might have expired already; the fill could resurrect
             // the old state, so it is dropped.
             if read_started.elapsed() > inner.ttl / 2 {
@@ -155,7 +157,7 @@ impl UserCache {
                 tracing::warn!(error = %err, "cache fill failed");
                 inner.pause_reads();
             }
-        });
+        }))
     }
 
     /// Records a user's new state after a write committed; returns once Redis has it or the attempt

@@ -52,7 +52,8 @@ pub async fn get(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
     let row = repo::find(&mut conn, id).await?.ok_or(ApiError::NotFound("user"))?;
     drop(conn);
     let (version, body) = serialize(row);
-    state.cache.fill(id, version, body.clone(), read_started);
+    // The response does not wait for the fill.
+    let _ = state.cache.fill(id, version, body.clone(), read_started);
     Ok(response::json_bytes(StatusCode::OK, body))
 }
 

@@ -30,10 +30,14 @@ async fn an_older_version_never_replaces_a_newer_entry_or_tombstone() {
     cache.store(id, 2, Bytes::from_static(b"{\"v\":2}")).await;
     assert_eq!(cache.get(id).await, Lookup::Deleted);
 
-    // A fill (the GET-miss path) is held to the same rule.
-    cache.fill(id, 1, Bytes::from_static(b"{\"v\":1}"), Instant::now());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A fill (the GET-miss path) is held to the same rule...
+    let fill = cache.fill(id, 1, Bytes::from_static(b"{\"v\":1}"), Instant::now());
+    fill.expect("a fill was started").await.unwrap();
     assert_eq!(cache.get(id).await, Lookup::Deleted);
+    // ...and lands where nothing newer is.
+    let fresh = Uuid::new_v4();
+    cache.fill(fresh, 1, Bytes::from_static(b"{\"v\":1}"), Instant::now()).expect("started").await.unwrap();
+    assert_eq!(cache.get(fresh).await, Lookup::Hit(Bytes::from_static(b"{\"v\":1}")));
 }
 
 /// GETs hammer two replicas (missing, reading PostgreSQL, filling the cache) while a third client
@@ -146,13 +150,29 @@ async fn after_a_redis_outage_the_writes_it_missed_still_reach_the_cache() {
     let path = format!("/api/v1/users/{}", user["id"].as_str().unwrap());
     // The writer holds an established Redis connection, and Redis holds the user, when the cut comes.
     assert_eq!(writer.get(&path).await.0, 200);
-    tokio::time::sleep(Duration::from_millis(200)).await; // let the fill land
+    let redis = api::redis_client::RedisClient::new(&writer.config.redis).unwrap();
+    let key = format!("{}user:{}", writer.config.redis.key_prefix, user["id"].as_str().unwrap());
+    testkit::eventually("the fill in Redis", Duration::from_secs(5), || async {
+        let key = key.clone();
+        let entry = redis
+            .call(|mut conn| async move { redis::cmd("GET").arg(key).query_async::<Option<Vec<u8>>>(&mut conn).await });
+        entry.await.ok().flatten().map(drop)
+    })
+    .await;
 
     proxy.cut();
     let (status, _) = writer.put(&path, json!({"first_name": "DuringOutage"})).await;
     assert_eq!(status, 200, "a write succeeds without Redis");
     proxy.restore();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The writer's background retry lands the write it could not make during the outage.
+    testkit::eventually("the missed write in Redis", Duration::from_secs(10), || async {
+        let key = key.clone();
+        let entry = redis
+            .call(|mut conn| async move { redis::cmd("GET").arg(key).query_async::<Option<Vec<u8>>>(&mut conn).await });
+        let entry = entry.await.ok().flatten()?;
+        String::from_utf8_lossy(&entry).contains("DuringOutage").then_some(())
+    })
+    .await;
 
     // A replica that never saw the outage (e.g. started after it) trusts Redis at once.
     let reader = spawn_replica(&writer).await;

@@ -120,6 +120,16 @@ impl TestApp {
         response.json().await.expect("json body")
     }
 
+    /// Waits until exactly `requests` hold an in-flight permit (as `/metrics` samples it).
+    pub async fn wait_for_in_flight(&self, requests: usize) {
+        let wanted = format!("http_requests_in_flight {requests}\n");
+        testkit::eventually(&format!("{requests} requests in flight"), Duration::from_secs(5), || async {
+            let metrics = self.client.get(self.url("/metrics")).send().await.ok()?.text().await.ok()?;
+            metrics.contains(&wanted).then_some(())
+        })
+        .await;
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let response = self.client.get(self.url(path)).send().await.expect("request sent");
         let status = response.status().as_u16();

@@ -1,7 +1,5 @@
 //! Metrics, overload protection and what logs may not contain (SPEC §6).
 
-use std::time::Duration;
-
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -82,7 +80,7 @@ async fn beyond_max_inflight_requests_the_answer_is_503_with_retry_after() {
         authorization_line()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.wait_for_in_flight(1).await;
 
     let response = app.client.get(app.url("/api/v1/users")).send().await.unwrap();
     assert_eq!(response.status(), 503);
@@ -95,6 +93,6 @@ async fn beyond_max_inflight_requests_the_answer_is_503_with_retry_after() {
     assert!(metrics.contains("http_requests_rejected_total 1"), "{metrics}");
 
     drop(stream);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.wait_for_in_flight(0).await;
     assert_eq!(app.get("/api/v1/users").await.0, 200, "the slot is free again");
 }

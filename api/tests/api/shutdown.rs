@@ -19,12 +19,14 @@ async fn in_flight_requests_finish_after_shutdown_starts() {
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(&body.as_bytes()[..10]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.wait_for_in_flight(1).await;
 
     let address = app.address;
     let stopped = app.begin_stop();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(TcpStream::connect(address).await.is_err(), "listener still accepting after shutdown began");
+    testkit::eventually("the listener closed after shutdown began", Duration::from_secs(5), || async {
+        TcpStream::connect(address).await.is_err().then_some(())
+    })
+    .await;
 
     stream.write_all(&body.as_bytes()[10..]).await.unwrap();
     let mut response = Vec::new();

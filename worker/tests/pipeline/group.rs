@@ -108,7 +108,11 @@ async fn partitions_paused_for_backpressure_are_fetched_again_when_they_come_bac
         users.push(stack.create_user().await);
     }
     let mut first =
-        stack.spawn_binary("worker", &[("DB_PORT", &port), ("LOG_LEVEL", "info"), ("WORKER_MAX_IN_FLIGHT", "8")]);
+        // Debug for the pipeline: its "backpressure" line says when fetching paused.
+        stack.spawn_binary(
+            "worker",
+            &[("DB_PORT", &port), ("LOG_LEVEL", "info,worker::pipeline=debug"), ("WORKER_MAX_IN_FLIGHT", "8")],
+        );
     let assignments = || first.output().iter().filter(|line| line.contains("partitions assigned")).count();
     testkit::eventually("the first worker to hold partitions", Duration::from_secs(60), || async {
         (assignments() > 0).then_some(())
@@ -122,7 +126,10 @@ async fn partitions_paused_for_backpressure_are_fetched_again_when_they_come_bac
             stack.post_event(user, "paused").await;
         }
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    testkit::eventually("the first worker to pause fetching", Duration::from_secs(30), || async {
+        first.output().iter().any(|line| line.contains("backpressure") && line.contains("\"pause\":true")).then_some(())
+    })
+    .await;
     let second = stack.start_worker().await;
     testkit::eventually("the second worker to take partitions over", Duration::from_secs(60), || async {
         assigned(&stack.client, second.http).await.then_some(())

@@ -62,7 +62,11 @@ async fn sigterm_under_load_fails_no_accepted_request_and_exits_zero_in_time() {
             acknowledged
         }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Under way: requests are being accepted when the signal comes.
+    testkit::eventually("the load under way", Duration::from_secs(10), || async {
+        (succeeded.load(Ordering::Relaxed) >= 20).then_some(())
+    })
+    .await;
     let before = succeeded.load(Ordering::Relaxed);
     let signalled = Instant::now();
     api.signal("TERM");
@@ -99,7 +103,12 @@ async fn a_second_signal_exits_at_once() {
         testkit::auth::token(testkit::auth::ALL_SCOPES)
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    testkit::eventually("the request in flight", Duration::from_secs(5), || async {
+        let text = stack.client.get(&metrics).send().await.ok()?.text().await.ok()?;
+        text.contains("http_requests_in_flight 1\n").then_some(())
+    })
+    .await;
     api.signal("TERM");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(api.child.try_wait().unwrap().is_none(), "still draining after the first signal");
