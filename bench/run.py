@@ -133,6 +133,8 @@ class Stack:
         self.ports = {name: free_port() for name in ("api", "api_uncached", "api_auth", "ref", "worker")}
         psql(f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)")
         psql(f"CREATE DATABASE {self.db}")
+        # The binaries run as a role with DML only, as in production; `api migrate` as the owner grants it.
+        psql("DO $$ BEGIN CREATE ROLE highload_app LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
         self.start("redis", ["redis-server", "--port", str(self.redis_port), "--save", "", "--appendonly", "no"])
         tansu = os.environ["TANSU_BIN"]
         self.start("tansu", [tansu, "broker", "--listener-url", f"tcp://127.0.0.1:{self.broker_port}",
@@ -144,6 +146,7 @@ class Stack:
                     "REDIS_PORT": str(self.redis_port), "KAFKA_BROKERS": f"127.0.0.1:{self.broker_port}",
                     "KAFKA_SESSION_TIMEOUT_MS": "6000", "LOG_LEVEL": "warn", "SERVER_HOST": "127.0.0.1",
                     "DB_POOL_MAX_SIZE": "16", "KAFKA_TOPIC_PARTITIONS": "12",
+                    "DB_USER": "highload_app", "DB_MIGRATION_USER": "postgres", "DB_MIGRATION_PASSWORD": "postgres",
                     # Baselines without authentication; what tokens cost is measured against them separately.
                     "AUTH_MODE": "none"}
         subprocess.run([RELEASE / "api", "migrate"], env=self.env, check=True, stdout=subprocess.DEVNULL)
