@@ -9,7 +9,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
@@ -21,10 +20,22 @@ pub struct Broker {
     /// The path clients use (`KAFKA_BROKERS`): through the proxy.
     pub proxy: FaultProxy,
     _process: Child,
-    /// With [`Broker::start_tls`]: the TLS terminator clients dial, and its address.
-    tls_front: Option<(Child, String)>,
+    /// With [`Broker::start_tls`]: the TLS terminator in front.
+    _tls_front: Option<Child>,
+    /// What clients dial (`KAFKA_BROKERS`), which the broker also advertises.
+    bootstrap: String,
     /// A storage file of the broker's own, removed with it.
     storage: Option<PathBuf>,
+}
+
+/// What the broker advertises, so that clients come back the way they first came in.
+enum Advertise {
+    /// The proxy's address.
+    Proxy,
+    /// The proxy's port, as `localhost` (the name a test certificate carries).
+    ProxyAsLocalhost,
+    /// Another address in front of the proxy.
+    Front(String),
 }
 
 impl Drop for Broker {
@@ -40,7 +51,7 @@ impl Drop for Broker {
 impl Broker {
     /// Starts tansu listening on a free port and advertising the proxy's address.
     pub async fn start() -> Self {
-        Self::spawn("tansu", tansu_binary(), &["--storage-engine", "memory://tansu/"], None, None).await
+        Self::spawn("tansu", tansu_binary(), &["--storage-engine", "memory://tansu/"], None, Advertise::Proxy).await
     }
 
     /// Starts tansu behind a TLS terminator (`socat`) serving `cert` on `localhost:<port>`, which the
@@ -53,7 +64,7 @@ impl Broker {
         if authentication {
             args.push("--authentication");
         }
-        let mut broker = Self::spawn("tansu", tansu_binary(), &args, None, Some(&front)).await;
+        let mut broker = Self::spawn("tansu", tansu_binary(), &args, None, Advertise::Front(front)).await;
         let listen = format!(
             "OPENSSL-LISTEN:{tls_port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
             cert.cert.display(),
@@ -66,12 +77,8 @@ impl Broker {
             .kill_on_drop(true)
             .spawn()
             .expect("socat on PATH (scripts/lib.sh installs it)");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", tls_port)).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "socat did not open {tls_port}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        broker.tls_front = Some((socat, front));
+        crate::wait_until_listening(tls_port, "socat").await;
+        broker._tls_front = Some(socat);
         broker
     }
 
@@ -84,21 +91,72 @@ impl Broker {
         let engine = format!("sqlite://{name}");
         let file = std::env::temp_dir().join(name);
         let args = ["--storage-engine", &engine, "--group-initial-rebalance-delay", "0s"];
-        Self::spawn("nisshi", binary.into(), &args, Some(file), None).await
+        Self::spawn("nisshi", binary.into(), &args, Some(file), Advertise::Proxy).await
     }
 
     /// Starts the broker advertising `advertised` (default: the proxy's address).
+    /// Starts nisshi (see [`Broker::start_nisshi`]) serving only TLS with `cert` on `localhost:<the
+    /// proxy's port>` and requiring SASL SCRAM of every client, with these users (name, password,
+    /// `scram256` or `scram512`). Users live in the broker's storage and are created over plain text
+    /// (`nisshi user create`), so a first broker without authentication creates them and stops, and
+    /// the real one starts on the same storage.
+    pub async fn start_nisshi_sasl(cert: &ServerCert, users: &[(&str, &str, &str)]) -> Self {
+        let binary = PathBuf::from(std::env::var("NISSHI_BIN").unwrap_or_else(|_| "nisshi".to_owned()));
+        let name = format!("hlms-nisshi-{}.db", crate::unique());
+        let engine = format!("sqlite://{name}");
+        let setup_port = crate::closed_port();
+        let setup_url = format!("tcp://127.0.0.1:{setup_port}");
+        let mut setup = Command::new(&binary)
+            .current_dir(std::env::temp_dir())
+            .args(["broker", "--listener-url", &setup_url, "--advertised-listener-url", &setup_url])
+            .args(["--storage-engine", &engine])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("nisshi ({}) does not start: {err}", binary.display()));
+        crate::wait_until_listening(setup_port, "nisshi").await;
+        for (user, password, mechanism) in users {
+            let output = Command::new(&binary)
+                .current_dir(std::env::temp_dir())
+                .args(["user", "create", "--broker", &setup_url, "--mechanism", mechanism, user, password])
+                .output()
+                .await
+                .unwrap();
+            assert!(output.status.success(), "nisshi user create {user}: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        setup.kill().await.unwrap();
+        let (cert_file, key_file) = (cert.cert.display().to_string(), cert.key.display().to_string());
+        let args = [
+            "--storage-engine",
+            &engine,
+            "--group-initial-rebalance-delay",
+            "0s",
+            "--authentication",
+            "--cert",
+            &cert_file,
+            "--key",
+            &key_file,
+        ];
+        let file = std::env::temp_dir().join(name);
+        Self::spawn("nisshi", binary, &args, Some(file), Advertise::ProxyAsLocalhost).await
+    }
+
     async fn spawn(
         name: &str,
         binary: PathBuf,
         storage_args: &[&str],
         storage: Option<PathBuf>,
-        advertised: Option<&str>,
+        advertise: Advertise,
     ) -> Self {
         let (proxy_listener, proxy_addr) = FaultProxy::bind().await;
         let broker_port = crate::closed_port();
         let broker_addr: SocketAddr = format!("127.0.0.1:{broker_port}").parse().unwrap();
-        let advertised = advertised.map_or_else(|| proxy_addr.to_string(), str::to_owned);
+        let advertised = match advertise {
+            Advertise::Proxy => proxy_addr.to_string(),
+            Advertise::ProxyAsLocalhost => format!("localhost:{}", proxy_addr.port()),
+            Advertise::Front(front) => front,
+        };
         let process = Command::new(&binary)
             .current_dir(std::env::temp_dir())
             .args(["broker", "--listener-url", &format!("tcp://{broker_addr}")])
@@ -109,20 +167,19 @@ impl Broker {
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|err| panic!("{name} ({}) does not start: {err}", binary.display()));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(broker_addr).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "{name} did not open {broker_addr}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        crate::wait_until_listening(broker_port, name).await;
+        Self {
+            proxy: FaultProxy::start(proxy_listener, broker_addr),
+            _process: process,
+            _tls_front: None,
+            bootstrap: advertised,
+            storage,
         }
-        Self { proxy: FaultProxy::start(proxy_listener, broker_addr), _process: process, storage, tls_front: None }
     }
 
     /// `KAFKA_BROKERS` for this broker.
     pub fn bootstrap(&self) -> String {
-        match &self.tls_front {
-            Some((_, front)) => front.clone(),
-            None => self.proxy.addr().to_string(),
-        }
+        self.bootstrap.clone()
     }
 }
 

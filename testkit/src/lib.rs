@@ -112,6 +112,15 @@ pub async fn drop_database(name: &str) {
     diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await.unwrap();
 }
 
+/// Waits until something listens on 127.0.0.1:`port` (a server the test started), or panics naming
+/// `what` after 10 s.
+pub async fn wait_until_listening(port: u16, what: &str) {
+    eventually(&format!("{what} listening on port {port}"), Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(drop)
+    })
+    .await;
+}
+
 /// A local port with nothing listening on it.
 pub fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -22,6 +22,12 @@ async fn events_flow_end_to_end_over_verified_tls() {
     )
     .await;
     assert!(stack.config.kafka.brokers.starts_with("localhost:"));
+    events_flow_end_to_end(&stack).await;
+}
+
+/// Events posted to the api reach the worker through the broker (the relay's producer, then the
+/// worker's consumer group) and are counted.
+async fn events_flow_end_to_end(stack: &Stack) {
     let worker = stack.start_worker().await;
     let user = stack.create_user().await;
     for _ in 0..5 {
@@ -134,4 +140,44 @@ async fn the_worker_stops_at_start_when_postgres_or_kafka_refuse_its_settings() 
         });
         assert!(logged, "{case}: no error line naming {dependency} and {reason:?} in {:#?}", process.output());
     }
+}
+
+/// SASL_SSL with SCRAM end to end, on nisshi: unlike tansu on memory storage it holds users while it
+/// requires authentication, and it serves TLS itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_flow_end_to_end_over_sasl_ssl_with_scram_and_wrong_passwords_are_refused() {
+    let ca = TestCa::new("kafka");
+    let users = [("hlms", "s3cret-512", "scram512"), ("hlms256", "s3cret-256", "scram256")];
+    let broker = Broker::start_nisshi_sasl(&ca.server_cert(&["localhost"]), &users).await;
+    let brokers = broker.bootstrap();
+    let root = ca.ca_file().display().to_string();
+    let sasl = |mechanism: &str, user: &str, password: &str| {
+        vec![
+            ("KAFKA_BROKERS", brokers.clone()),
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL".to_owned()),
+            ("KAFKA_SSL_CA_LOCATION", root.clone()),
+            ("KAFKA_SASL_MECHANISM", mechanism.to_owned()),
+            ("KAFKA_SASL_USERNAME", user.to_owned()),
+            ("KAFKA_SASL_PASSWORD", password.to_owned()),
+        ]
+    };
+    assert_eq!(fetch_metadata(sasl("SCRAM-SHA-256", "hlms256", "s3cret-256")).await, Ok(()));
+    let refused =
+        [("SCRAM-SHA-512", "hlms", "wrong"), ("SCRAM-SHA-256", "hlms", "s3cret-512"), ("PLAIN", "hlms", "s3cret-512")];
+    // At once: each refusal takes the whole timeout.
+    let probes: Vec<_> = refused.iter().map(|(m, u, p)| tokio::spawn(fetch_metadata(sasl(m, u, p)))).collect();
+    for ((mechanism, user, _), probe) in refused.iter().zip(probes) {
+        let error = probe.await.unwrap().expect_err(mechanism);
+        assert!(error.contains("SASL") || error.contains("uthentication"), "{mechanism} {user}: {error}");
+    }
+
+    let stack = Stack::start_on(
+        broker,
+        &sasl("SCRAM-SHA-512", "hlms", "s3cret-512")
+            .iter()
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    events_flow_end_to_end(&stack).await;
 }
