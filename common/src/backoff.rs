@@ -13,10 +13,11 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// Starts at `first` (at least 1 ms), never above `max`.
+    /// Starts at `first` (at least 1 ms), never above `max` (the first delay included).
     pub fn new(first: Duration, max: Duration) -> Self {
-        let first = first.max(Duration::from_millis(1));
-        Self { first, max: max.max(first), step: first }
+        let max = max.max(Duration::from_millis(1));
+        let first = first.clamp(Duration::from_millis(1), max);
+        Self { first, max, step: first }
     }
 
     /// The delay before the next attempt; the one after is twice as long (up to the ceiling).
@@ -47,6 +48,8 @@ mod tests {
         }
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(100));
+        // A first delay above the ceiling is held to it too.
+        assert!(Backoff::new(Duration::from_secs(60), Duration::from_secs(5)).next_delay() <= Duration::from_secs(5));
     }
 
     #[test]

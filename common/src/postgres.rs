@@ -162,12 +162,12 @@ enum Failure {
 }
 
 /// Whether the server refused the settings rather than failed to answer: a TLS error (rustls's, or
-/// no TLS where the mode demands it) or an authorization error (SQLSTATE class 28, 3D000: no such
-/// database).
+/// no TLS where the mode demands it) or an authorization error (SQLSTATE class 28; 3D000: no such
+/// database; 42501: no CONNECT privilege; 55000: the database does not accept connections).
 fn is_refusal(err: &tokio_postgres::Error) -> bool {
     if let Some(db) = err.as_db_error() {
         let code = db.code().code();
-        return code.starts_with("28") || code == "3D000";
+        return code.starts_with("28") || ["3D000", "42501", "55000"].contains(&code);
     }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(error) = cause {

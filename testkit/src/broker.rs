@@ -94,7 +94,6 @@ impl Broker {
         Self::spawn("nisshi", binary.into(), &args, Some(file), Advertise::Proxy).await
     }
 
-    /// Starts the broker advertising `advertised` (default: the proxy's address).
     /// Starts nisshi (see [`Broker::start_nisshi`]) serving only TLS with `cert` on `localhost:<the
     /// proxy's port>` and requiring SASL SCRAM of every client, with these users (name, password,
     /// `scram256` or `scram512`). Users live in the broker's storage and are created over plain text
@@ -142,6 +141,7 @@ impl Broker {
         Self::spawn("nisshi", binary, &args, Some(file), Advertise::ProxyAsLocalhost).await
     }
 
+    /// Starts the broker behind a new proxy, advertising as `advertise` says.
     async fn spawn(
         name: &str,
         binary: PathBuf,

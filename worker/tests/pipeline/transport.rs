@@ -126,6 +126,7 @@ async fn the_worker_stops_at_start_when_postgres_or_kafka_refuse_its_settings() 
     let cases = [
         ("PostgreSQL's certificate", ("DB_HOST", "127.0.0.1"), "postgres", "certificate not valid for name"),
         ("Kafka's certificate", ("KAFKA_SSL_CA_LOCATION", other_root.as_str()), "kafka", "certificate verify failed"),
+        ("a database PostgreSQL does not have", ("DB_NAME", "hlms_no_such_database"), "postgres", "does not exist"),
     ];
     for (case, (name, value), dependency, reason) in cases {
         let mut vars = vars.clone();
@@ -140,6 +141,20 @@ async fn the_worker_stops_at_start_when_postgres_or_kafka_refuse_its_settings() 
         });
         assert!(logged, "{case}: no error line naming {dependency} and {reason:?} in {:#?}", process.output());
     }
+
+    // An unreachable PostgreSQL is an outage, not a refusal: the worker starts, and retries.
+    let http = testkit::closed_port();
+    vars.insert("DB_HOST".into(), "localhost".into());
+    vars.insert("DB_PORT".into(), testkit::closed_port().to_string());
+    vars.insert("WORKER_HTTP_PORT".into(), http.to_string());
+    let mut process = testkit::Process::spawn(&worker, &vars);
+    let ready = format!("http://127.0.0.1:{http}/health/ready");
+    testkit::eventually("the worker ready without PostgreSQL", Duration::from_secs(30), || async {
+        let status = reqwest::get(&ready).await.ok()?.status();
+        (status == 200).then_some(())
+    })
+    .await;
+    assert!(process.child.try_wait().unwrap().is_none(), "the worker exited on an outage");
 }
 
 /// SASL_SSL with SCRAM end to end, on nisshi: unlike tansu on memory storage it holds users while it
