@@ -42,26 +42,32 @@ pub fn client_config(verification: Verification) -> ClientConfig {
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("aws-lc-rs supports the default protocol versions");
-    let verifier: Arc<dyn ServerCertVerifier> = match verification {
+    let chain = match verification {
         Verification::ChainAndName(roots) => {
             return builder.with_root_certificates(roots).with_no_client_auth();
         }
-        Verification::Chain(roots) => Arc::new(ChainOnly(
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        Verification::Chain(roots) => Some(
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
                 .expect("a non-empty root store builds a verifier"),
-        )),
-        Verification::None => Arc::new(AnyCertificate(provider.signature_verification_algorithms)),
+        ),
+        Verification::None => None,
     };
+    let verifier = Arc::new(NameNotChecked { chain, algorithms: provider.signature_verification_algorithms });
     builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()
 }
 
-/// `verify-ca`: the full WebPKI check, except that a certificate for another name is accepted
-/// (webpki checks the name only after the chain, so a name error means the chain was good).
+/// What libpq's `verify-ca` and `require` check: with `chain`, the full WebPKI check except that a
+/// certificate for another name is accepted (webpki checks the name only after the chain, so a name
+/// error means the chain was good); without, any certificate. The handshake's signatures are checked
+/// either way, so the session is at least bound to the key that was presented.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct NameNotChecked {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NameNotChecked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -70,7 +76,8 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+        let Some(chain) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -84,7 +91,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -93,50 +100,10 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `require`/`prefer` without a root certificate: any certificate, as libpq does. The handshake's
-/// signatures are still checked, so the session is at least bound to the key that was presented.
-#[derive(Debug)]
-struct AnyCertificate(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
+        self.algorithms.supported_schemes()
     }
 }
