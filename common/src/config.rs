@@ -22,7 +22,8 @@
 //!   `REDIS_PASSWORD` [none; required with a user], `REDIS_DB` [0]: the cache and the rate limiter's buckets.
 //! - `REDIS_TLS` [false]: TLS to Redis (as `rediss://`), the server's name always verified;
 //!   `REDIS_CA_CERT` [none: the system's roots]: CA bundle (PEM) to verify it with.
-//! - `REDIS_POOL_MAX_SIZE` [8]; `REDIS_TIMEOUT_MS` [100]: longest wait for one cache operation
+//! - `REDIS_POOL_MAX_SIZE` [8]: the pool the one shared multiplexed connection (and its replacement
+//!   when broken) comes from; `REDIS_TIMEOUT_MS` [100]: longest wait for one cache operation
 //!   before the request falls back to PostgreSQL; `REDIS_KEY_PREFIX` [hlms:].
 //! - `CACHE_TTL` [300]: lifetime of a cached user; 0 turns the cache off.
 //! - `LOG_LEVEL` [info] (an `EnvFilter` directive, e.g. `info,api=debug`), `LOG_FORMAT` [json|text].
