@@ -216,6 +216,13 @@ impl RateLimiter {
         let state = self.state(&mut clients, client, now);
         state.full_at_ms = now + grant.reset_ms;
         if grant.granted == 0 {
+            // Requests that missed together each asked Redis: units another one fetched a moment ago
+            // are this client's already, so this request spends one of those instead of being refused.
+            if state.leased > 0 && now < state.lease_expires_ms {
+                state.leased -= 1;
+                state.remaining = state.leased;
+                return self.decision(true, state.remaining, grant.reset_ms, 0.0);
+            }
             state.refused_until_ms = now + grant.retry_after_ms;
             return self.decision(false, 0, grant.reset_ms, grant.retry_after_ms);
         }
@@ -279,5 +286,42 @@ impl RateLimiter {
 
     fn now_ms(&self) -> f64 {
         self.started.elapsed().as_secs_f64() * 1000.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    fn limiter() -> RateLimiter {
+        let config = RateLimitConfig {
+            rps: NonZeroU32::new(1000),
+            burst: NonZeroU32::new(1000).unwrap(),
+            trusted_proxies: Vec::new(),
+        };
+        let vars = |_: &str| None;
+        let redis_config = common::config::Config::from_lookup(vars).unwrap().redis;
+        // Never dialled: only the bookkeeping after Redis's answers is exercised.
+        let redis = RedisClient::new(&redis_config).unwrap();
+        RateLimiter::new(&config, redis, "test:", &ApiMetrics::new()).unwrap()
+    }
+
+    // A runtime only because building the (never dialled) Redis pool needs one.
+    #[tokio::test]
+    async fn an_empty_answer_spends_units_a_concurrent_request_just_fetched() {
+        let limiter = limiter();
+        let granted = Grant { granted: 3, remaining: 0, reset_ms: 1000.0, retry_after_ms: 0.0 };
+        let empty = Grant { granted: 0, remaining: 0, reset_ms: 1000.0, retry_after_ms: 5.0 };
+        assert!(limiter.record_shared("c", 0.0, granted).allowed);
+        // Two units left over from the batch: two requests whose own fetch came back empty are served.
+        for left in [1, 0] {
+            let decision = limiter.record_shared("c", 1.0, empty);
+            assert!(decision.allowed && decision.remaining == left, "{decision:?}");
+        }
+        assert!(!limiter.record_shared("c", 2.0, empty).allowed, "nothing held any more");
+        // Held units expire with their lease.
+        assert!(limiter.record_shared("d", 0.0, granted).allowed);
+        assert!(!limiter.record_shared("d", LEASE_MS + 1.0, empty).allowed);
     }
 }
