@@ -7,11 +7,20 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde_json::error::Category;
+use std::time::Duration;
 
 use super::error::ApiError;
 
 /// The largest request body accepted (SPEC §2: 1 MiB, else 413).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// How much of an oversized body is read and thrown away before the 413 goes out, and for how long.
+/// A client that does not wait for `100 Continue` is still writing when the answer is ready, and a
+/// socket closed with unread data makes the kernel reset the connection: the client then sees a
+/// broken connection instead of the 413. Bounded so that a hostile client cannot hold the request
+/// open by streaming forever.
+const DISCARD_AT_MOST_BYTES: usize = 8 * MAX_BODY_BYTES;
+const DISCARD_AT_MOST_FOR: Duration = Duration::from_secs(1);
 
 /// Checks the content type and size, reads the body and deserializes it.
 pub async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Incoming) -> Result<T, ApiError> {
@@ -20,19 +29,40 @@ pub async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Incoming)
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
+    let mut body = body;
     if declared_length.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        discard(&mut body).await;
         return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
     }
-    let bytes = read_limited(body).await?;
+    let bytes = read_limited(&mut body).await?;
     parse_json(&bytes)
 }
 
-async fn read_limited(body: Incoming) -> Result<Bytes, ApiError> {
-    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+async fn read_limited(body: &mut Incoming) -> Result<Bytes, ApiError> {
+    match Limited::new(&mut *body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES)),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            discard(body).await;
+            Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES))
+        }
         Err(err) => Err(ApiError::bad_request("body_read_failed", format!("could not read the request body: {err}"))),
     }
+}
+
+/// Reads the rest of a body that will not be used, within [`DISCARD_AT_MOST_BYTES`] and
+/// [`DISCARD_AT_MOST_FOR`], so that the client has finished sending when the answer comes.
+async fn discard(body: &mut Incoming) {
+    let mut remaining = DISCARD_AT_MOST_BYTES;
+    let drain = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            let length = frame.data_ref().map_or(0, Bytes::len);
+            match remaining.checked_sub(length) {
+                Some(left) => remaining = left,
+                None => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_AT_MOST_FOR, drain).await;
 }
 
 /// `application/json`, with or without parameters such as `; charset=utf-8`.

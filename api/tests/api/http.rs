@@ -96,7 +96,28 @@ async fn bodies_over_one_mebibyte_are_413_declared_or_streamed() {
     assert_eq!(response.status(), 413);
     assert_eq!(error_code(&response.json().await.unwrap()), "payload_too_large");
 
-    // Chunked, so no Content-Length to reject up front: the cap applies while reading.
+    // Chunked, so no Content-Length to reject up front: the cap applies while reading. This client
+    // writes its whole body before it reads anything, as simple clients do; it must still read the
+    // 413, not a connection reset because the server closed with 1 MiB of it unread.
+    let mut stream = TcpStream::connect(app.address).await.unwrap();
+    let head = format!(
+        "POST /api/v1/users HTTP/1.1\r\nHost: x\r\n{}Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        authorization_line()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for chunk in format!("{big}{big}").as_bytes().chunks(64 * 1024) {
+        stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.unwrap();
+        stream.write_all(chunk).await.unwrap();
+        stream.write_all(b"\r\n").await.unwrap();
+    }
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+
+    // The same through an HTTP client that streams the body and reads the answer as soon as it comes.
     let chunks: Vec<Result<String, std::io::Error>> =
         big.as_bytes().chunks(64 * 1024).map(|c| Ok(String::from_utf8_lossy(c).into_owned())).collect();
     let response = app
