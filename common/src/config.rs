@@ -42,7 +42,8 @@
 //!   Kafka answers a waiting fetch as soon as data arrives; on tansu the wait shows in the delay
 //!   from commit to processing (measured). Lower costs only more idle fetch requests.
 //! - `EVENT_MAX_DATA_BYTES` [65536]: largest serialized `data` of an event (413 beyond).
-//! - `OUTBOX_BATCH_SIZE` [500], `OUTBOX_POLL_INTERVAL_MS` [100]: the api's outbox relay.
+//! - `OUTBOX_BATCH_SIZE` [500], `OUTBOX_POLL_INTERVAL_MS` [100], `OUTBOX_TAKEOVER_TIMEOUT` [10]: the
+//!   api's outbox relay.
 //! - `WORKER_HTTP_PORT` [8081], `WORKER_CONCURRENCY` [16], `WORKER_MAX_RETRIES` [5],
 //!   `WORKER_RETRY_BACKOFF_MS` [100], `WORKER_MAX_IN_FLIGHT` [4000]: the worker.
 //! - `RATE_LIMIT_RPS` [0 = off], `RATE_LIMIT_BURST` [= RATE_LIMIT_RPS]: the api's per-client limit;
@@ -181,6 +182,8 @@ pub struct OutboxConfig {
     pub batch_size: NonZeroU32,
     /// How often the relay looks for rows written by other replicas (its own wake it at once).
     pub poll_interval: Duration,
+    /// How long after the publishing replica stops making progress another one publishes.
+    pub takeover_timeout: Duration,
 }
 
 /// The worker.
@@ -421,6 +424,12 @@ impl Config {
             outbox: OutboxConfig {
                 batch_size: env.parse("OUTBOX_BATCH_SIZE", NonZeroU32::new(500).expect("non-zero"))?,
                 poll_interval: env.millis("OUTBOX_POLL_INTERVAL_MS", 100)?,
+                takeover_timeout: match env.seconds("OUTBOX_TAKEOVER_TIMEOUT", 10)? {
+                    timeout if timeout.is_zero() => {
+                        return Err(env.invalid("OUTBOX_TAKEOVER_TIMEOUT", "must be at least 1 second".into()));
+                    }
+                    timeout => timeout,
+                },
             },
             rate_limit: RateLimitConfig::from_env(&env)?,
             worker: WorkerConfig {

@@ -26,6 +26,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    outbox_publisher (singleton) {
+        singleton -> Bool,
+        epoch -> Int8,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     row_counts (table_name, shard) {
         table_name -> Text,
         shard -> Int4,
@@ -58,4 +66,4 @@ diesel::table! {
 diesel::joinable!(events -> users (user_id));
 diesel::joinable!(user_event_stats -> users (user_id));
 
-diesel::allow_tables_to_appear_in_same_query!(events, outbox, row_counts, user_event_stats, users);
+diesel::allow_tables_to_appear_in_same_query!(events, outbox, outbox_publisher, row_counts, user_event_stats, users);

@@ -11,4 +11,5 @@ mod group;
 mod helpers;
 mod lifecycle;
 mod outages;
+mod takeover;
 mod transport;

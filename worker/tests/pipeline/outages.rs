@@ -8,13 +8,6 @@ use serde_json::{Value, json};
 
 use crate::helpers::{Stack, postgres_proxy};
 
-async fn wait_live(stack: &Stack, api: &str) {
-    testkit::eventually("the api process to listen", Duration::from_secs(30), || async {
-        stack.client.get(format!("{api}/health/live")).send().await.ok().filter(|r| r.status() == 200)
-    })
-    .await;
-}
-
 async fn post_events(stack: &Stack, api: &str, user: &str, count: usize) -> usize {
     let mut acknowledged = 0;
     for n in 0..count {
@@ -108,7 +101,7 @@ async fn an_api_killed_with_unpublished_outbox_rows_loses_none_of_them() {
     let port = testkit::closed_port().to_string();
     let api = format!("http://127.0.0.1:{port}");
     let mut process = stack.spawn_binary("api", &[("SERVER_PORT", &port), ("RUN_MIGRATIONS", "false")]);
-    wait_live(&stack, &api).await;
+    stack.wait_live(&api).await;
 
     stack.broker.proxy.cut();
     let mut users = Vec::new();
@@ -128,7 +121,7 @@ async fn an_api_killed_with_unpublished_outbox_rows_loses_none_of_them() {
 
     stack.broker.proxy.restore();
     let restarted = stack.spawn_binary("api", &[("SERVER_PORT", &port), ("RUN_MIGRATIONS", "false")]);
-    wait_live(&stack, &api).await;
+    stack.wait_live(&api).await;
     let worker = stack.start_worker().await;
     stack.wait_until_drained(Duration::from_secs(90)).await;
     for (user, count) in &expected {
