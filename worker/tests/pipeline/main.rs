@@ -7,9 +7,11 @@ mod chaos;
 mod delivery;
 mod effects;
 mod faults;
+mod frozen;
 mod group;
 mod helpers;
 mod lifecycle;
 mod outages;
-mod takeover;
+mod partitions;
+
 mod transport;

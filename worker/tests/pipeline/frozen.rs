@@ -1,6 +1,7 @@
-//! The outbox publisher's lease (SPEC §3): a publishing replica that stops making progress, for any
-//! reason, is replaced within `OUTBOX_TAKEOVER_TIMEOUT`, and when it comes back it publishes nothing
-//! more under the lease it lost.
+//! Frozen processes (`kill -STOP`: a paused VM, a hung process; its sockets stay open, so nothing
+//! announces the failure), SPEC §3. A publishing api that stops is replaced within
+//! `OUTBOX_TAKEOVER_TIMEOUT` and, resumed, publishes nothing more under the lease it lost; a frozen
+//! worker's partitions go to another worker, and resumed, it rejoins; nothing is lost or applied twice.
 
 use std::time::{Duration, Instant};
 
@@ -88,4 +89,73 @@ async fn a_frozen_publisher_is_replaced_within_the_takeover_timeout_and_stays_qu
 
     worker.stop().await;
     drop((first, second));
+}
+
+/// A worker frozen for longer than the session timeout while it holds partitions (and events in
+/// flight): the group gives its partitions to the other worker, which applies everything, the frozen
+/// one's unfinished events included (its offsets were never committed); resumed, it rejoins the group
+/// and consumes again. Every event is applied exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_worker_loses_its_partitions_and_rejoins_when_resumed() {
+    let stack = Stack::start(&[]).await;
+    let other = stack.start_worker().await;
+    let port = testkit::closed_port().to_string();
+    let frozen = stack.spawn_binary("worker", &[("WORKER_HTTP_PORT", &port)]);
+    let frozen_base = format!("http://127.0.0.1:{port}");
+    let assigned = |base: String| {
+        let client = stack.client.clone();
+        async move {
+            let ready: serde_json::Value =
+                client.get(format!("{base}/health/ready")).send().await.ok()?.json().await.ok()?;
+            (ready["assigned"] == true).then_some(())
+        }
+    };
+    testkit::eventually("both workers to hold partitions", Duration::from_secs(60), || async {
+        assigned(frozen_base.clone()).await?;
+        assigned(format!("http://{}", other.http)).await
+    })
+    .await;
+    // Users enough that both workers' partitions get events (4 partitions, 8 keys).
+    let mut users = Vec::new();
+    for _ in 0..8 {
+        users.push(stack.create_user().await);
+    }
+    for user in &users {
+        for _ in 0..3 {
+            stack.post_event(user, "frozen").await;
+        }
+    }
+
+    frozen.signal("STOP");
+    let frozen_at = Instant::now();
+    for user in &users {
+        for _ in 0..3 {
+            stack.post_event(user, "frozen").await;
+        }
+    }
+    stack.wait_until_drained(Duration::from_secs(90)).await;
+    let taken_over = frozen_at.elapsed();
+
+    let assignments = || frozen.output().iter().filter(|line| line.contains("partitions assigned")).count();
+    let assigned_before = assignments();
+    frozen.signal("CONT");
+    let resumed = Instant::now();
+    testkit::eventually("the resumed worker to be given partitions again", Duration::from_secs(90), || async {
+        (assignments() > assigned_before).then_some(())
+    })
+    .await;
+    let rejoined = resumed.elapsed();
+    for user in &users {
+        stack.post_event(user, "frozen").await;
+    }
+    stack.wait_until_drained(Duration::from_secs(90)).await;
+    for user in &users {
+        let stored = stack.get(&format!("/api/v1/events?user_id={user}&limit=100")).await["total"].as_i64().unwrap();
+        assert_eq!(stack.stats(user).await["events_total"], stored, "{user}");
+    }
+    eprintln!(
+        "worker frozen: everything applied by the other worker {taken_over:?} after the freeze (session timeout 6 s); the resumed one was given partitions again {rejoined:?} after SIGCONT"
+    );
+    other.stop().await;
+    drop(frozen);
 }
