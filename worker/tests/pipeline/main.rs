@@ -10,5 +10,6 @@ mod faults;
 mod group;
 mod helpers;
 mod lifecycle;
+mod memory;
 mod outages;
 mod transport;
