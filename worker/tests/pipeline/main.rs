@@ -11,6 +11,7 @@ mod frozen;
 mod group;
 mod helpers;
 mod lifecycle;
+mod memory;
 mod outages;
 mod partitions;
 
