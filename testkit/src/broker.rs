@@ -92,13 +92,19 @@ impl Broker {
     /// Starts nisshi (`NISSHI_BIN`, or `nisshi` on the PATH: `scripts/chaos` installs it) the same way,
     /// storing in a private SQLite file.
     pub async fn start_nisshi() -> Self {
+        Self::start_nisshi_at(IpAddr::from([127, 0, 0, 1])).await
+    }
+
+    /// Like [`Broker::start_nisshi`], its proxy listening on (and advertising) `ip` (see
+    /// [`Broker::start_at`]).
+    pub async fn start_nisshi_at(ip: IpAddr) -> Self {
         let binary = std::env::var("NISSHI_BIN").unwrap_or_else(|_| "nisshi".to_owned());
         // nisshi reads the URL's path relative to its working directory, the temporary directory.
         let name = format!("hlms-nisshi-{}.db", crate::unique());
         let engine = format!("sqlite://{name}");
         let file = std::env::temp_dir().join(name);
         let args = ["--storage-engine", &engine, "--group-initial-rebalance-delay", "0s"];
-        Self::spawn("nisshi", binary.into(), &args, Some(file), Advertise::Proxy(IpAddr::from([127, 0, 0, 1]))).await
+        Self::spawn("nisshi", binary.into(), &args, Some(file), Advertise::Proxy(ip)).await
     }
 
     /// Starts nisshi (see [`Broker::start_nisshi`]) serving only TLS with `cert` on `localhost:<the

@@ -251,6 +251,16 @@ impl Stack {
     }
 }
 
+/// A proxy on `ip` in front of the test issuer's JWKS server (`AUTH_JWKS_URL` in `vars`), and the
+/// `AUTH_JWKS_URL` through it: for binaries in a network namespace, which cannot reach 127.0.0.1.
+pub async fn jwks_proxy_at(vars: &HashMap<String, String>, ip: std::net::IpAddr) -> (FaultProxy, String) {
+    let rest = vars["AUTH_JWKS_URL"].strip_prefix("http://").expect("the test issuer serves plain HTTP");
+    let (upstream, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let proxy = FaultProxy::in_front_of_at(upstream, ip).await;
+    let url = format!("http://{}{path}", proxy.addr());
+    (proxy, url)
+}
+
 /// A proxy in front of the test PostgreSQL server, and the `DB_PORT` that goes through it.
 pub async fn postgres_proxy() -> (FaultProxy, String) {
     let vars = testkit::service_vars();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use testkit::{Broker, FaultProxy, Netns, Process};
 
-use crate::helpers::Stack;
+use crate::helpers::{Stack, jwks_proxy_at};
 
 /// A stack whose broker, PostgreSQL, Redis and JWKS are also reachable from a network namespace, over
 /// its link, each through a port of its own that the test can partition.
@@ -17,7 +17,9 @@ struct Isolated {
     netns: Netns,
     postgres: FaultProxy,
     redis: FaultProxy,
-    jwks: FaultProxy,
+    /// Keeps the proxy to the test issuer's keys running.
+    _jwks: FaultProxy,
+    jwks_url: String,
     stack: Stack,
 }
 
@@ -29,24 +31,21 @@ impl Isolated {
         let upstream = |host: &str, port: &str| format!("{}:{}", stack.vars[host], stack.vars[port]);
         let postgres = FaultProxy::in_front_of_at(&upstream("DB_HOST", "DB_PORT"), host).await;
         let redis = FaultProxy::in_front_of_at(&upstream("REDIS_HOST", "REDIS_PORT"), host).await;
-        let (jwks_upstream, _) = split_url(&stack.vars["AUTH_JWKS_URL"]);
-        let jwks = FaultProxy::in_front_of_at(jwks_upstream, host).await;
-        Self { netns, postgres, redis, jwks, stack }
+        let (jwks, jwks_url) = jwks_proxy_at(&stack.vars, host).await;
+        Self { netns, postgres, redis, _jwks: jwks, jwks_url, stack }
     }
 
     /// A binary of the workspace inside the namespace, its HTTP port on the namespace's address.
     fn spawn(&self, name: &str, extra: &[(&str, &str)]) -> (Process, String) {
         let port = testkit::closed_port().to_string();
         let host = self.netns.host_ip().to_string();
-        let (_, jwks_path) = split_url(&self.stack.vars["AUTH_JWKS_URL"]);
-        let jwks_url = format!("http://{}{jwks_path}", self.jwks.addr());
         let mut vars = self.stack.vars.clone();
         for (name, value) in [
             ("DB_HOST", host.clone()),
             ("DB_PORT", self.postgres.addr().port().to_string()),
             ("REDIS_HOST", host.clone()),
             ("REDIS_PORT", self.redis.addr().port().to_string()),
-            ("AUTH_JWKS_URL", jwks_url),
+            ("AUTH_JWKS_URL", self.jwks_url.clone()),
             ("SERVER_HOST", "0.0.0.0".to_owned()),
             ("SERVER_PORT", port.clone()),
             ("WORKER_HTTP_PORT", port.clone()),
@@ -94,12 +93,6 @@ impl Isolated {
         let stats = self.stack.stats_from(api, user).await;
         assert_eq!(stats["events_total"], stored, "{stats}");
     }
-}
-
-/// `http://host:port/path` as (`host:port`, `/path`).
-fn split_url(url: &str) -> (&str, &str) {
-    let rest = url.strip_prefix("http://").expect("the test issuer serves plain HTTP");
-    rest.split_at(rest.find('/').unwrap_or(rest.len()))
 }
 
 async fn ready_within(stack: &Stack, base: &str, timeout: Duration) {

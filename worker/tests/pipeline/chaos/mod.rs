@@ -1,6 +1,7 @@
-//! Chaos soak: two api replicas and two workers (processes) against one PostgreSQL, Redis and
-//! broker, each reached through a fault proxy; a steady mixed workload records every acknowledged
-//! write while a schedule of faults drawn from a seed kills, restarts and cuts things. Then, healed
+//! Chaos soak: two api replicas and two workers (processes, in a network namespace) against one
+//! PostgreSQL, Redis and broker, each reached through a fault proxy; a steady mixed workload records
+//! every acknowledged write while a schedule of faults drawn from a seed kills, restarts, freezes
+//! (`SIGSTOP`), cuts (connections closed) and partitions (packets dropped) things. Then, healed
 //! and drained, the invariants of SPEC §3 are checked against that record:
 //!
 //! - every acknowledged event is processed, and counted exactly once (the counters equal the
@@ -57,7 +58,9 @@ async fn chaos_soak_loses_nothing_and_applies_nothing_twice() {
         tokio::time::sleep(Duration::from_millis(rng.random_range(2_000..6_000))).await;
         let fault = Fault::ALL[rng.random_range(0..Fault::ALL.len())];
         let which = rng.random_range(0..2);
-        let outage = Duration::from_millis(rng.random_range(500..4_000));
+        // A freeze may outlast the consumer session (6 s) and the publisher's lease (4 s).
+        let longest = if matches!(fault, Fault::FreezeApi | Fault::FreezeWorker) { 9_000 } else { 4_000 };
+        let outage = Duration::from_millis(rng.random_range(500..longest));
         let at = started.elapsed().as_secs_f64();
         cluster.inject(fault, which, outage, &client).await;
         *faults.entry(fault).or_default() += 1;
