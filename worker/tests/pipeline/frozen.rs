@@ -102,24 +102,8 @@ async fn a_frozen_worker_loses_its_partitions_and_rejoins_when_resumed() {
     let port = testkit::closed_port().to_string();
     let frozen = stack.spawn_binary("worker", &[("WORKER_HTTP_PORT", &port)]);
     let frozen_base = format!("http://127.0.0.1:{port}");
-    let assigned = |base: String| {
-        let client = stack.client.clone();
-        async move {
-            let ready: serde_json::Value =
-                client.get(format!("{base}/health/ready")).send().await.ok()?.json().await.ok()?;
-            (ready["assigned"] == true).then_some(())
-        }
-    };
-    testkit::eventually("both workers to hold partitions", Duration::from_secs(60), || async {
-        assigned(frozen_base.clone()).await?;
-        assigned(format!("http://{}", other.http)).await
-    })
-    .await;
-    // Users enough that both workers' partitions get events (4 partitions, 8 keys).
-    let mut users = Vec::new();
-    for _ in 0..8 {
-        users.push(stack.create_user().await);
-    }
+    stack.wait_until_assigned(&[frozen_base.clone(), format!("http://{}", other.http)]).await;
+    let users = stack.create_users(8).await;
     for user in &users {
         for _ in 0..3 {
             stack.post_event(user, "frozen").await;

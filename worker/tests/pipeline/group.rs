@@ -6,9 +6,8 @@ use serde_json::Value;
 
 use crate::helpers::{ApiHandle, Stack, postgres_proxy};
 
-async fn assigned(client: &reqwest::Client, worker: std::net::SocketAddr) -> bool {
-    let ready: Value = client.get(format!("http://{worker}/health/ready")).send().await.unwrap().json().await.unwrap();
-    ready["assigned"] == true
+async fn assigned(stack: &Stack, worker: std::net::SocketAddr) -> bool {
+    stack.holds_partitions(&format!("http://{worker}")).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -17,7 +16,7 @@ async fn two_workers_share_the_partitions_and_one_takes_over_when_the_other_stop
     let first = stack.start_worker().await;
     let second = stack.start_worker().await;
     testkit::eventually("both workers to hold partitions", Duration::from_secs(60), || async {
-        (assigned(&stack.client, first.http).await && assigned(&stack.client, second.http).await).then_some(())
+        (assigned(&stack, first.http).await && assigned(&stack, second.http).await).then_some(())
     })
     .await;
 
@@ -40,7 +39,7 @@ async fn two_workers_share_the_partitions_and_one_takes_over_when_the_other_stop
         }
     }
     stack.wait_until_drained(Duration::from_secs(90)).await;
-    assert!(assigned(&stack.client, survivor_http).await);
+    assert!(assigned(&stack, survivor_http).await);
     for user in &users {
         let stats = stack.stats(user).await;
         assert_eq!(stats["events_by_type"], serde_json::json!({"before": 10, "after": 10}), "{user}");
@@ -132,7 +131,7 @@ async fn partitions_paused_for_backpressure_are_fetched_again_when_they_come_bac
     .await;
     let second = stack.start_worker().await;
     testkit::eventually("the second worker to take partitions over", Duration::from_secs(60), || async {
-        assigned(&stack.client, second.http).await.then_some(())
+        assigned(&stack, second.http).await.then_some(())
     })
     .await;
     postgres.restore();

@@ -162,6 +162,36 @@ impl Stack {
         text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
+    /// Whether the worker whose health port is at `base` (`http://host:port`) holds partitions.
+    pub async fn holds_partitions(&self, base: &str) -> bool {
+        let ready =
+            async { self.client.get(format!("{base}/health/ready")).send().await.ok()?.json::<Value>().await.ok() };
+        ready.await.is_some_and(|ready| ready["assigned"] == true)
+    }
+
+    /// Waits until every worker in `bases` holds partitions.
+    pub async fn wait_until_assigned(&self, bases: &[String]) {
+        testkit::eventually("every worker to hold partitions", Duration::from_secs(60), || async {
+            for base in bases {
+                if !self.holds_partitions(base).await {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
+    }
+
+    /// `count` new users; with 8 or more, every partition of a 4-partition topic almost surely gets
+    /// one (each is missed with probability (3/4)^count).
+    pub async fn create_users(&self, count: usize) -> Vec<String> {
+        let mut users = Vec::with_capacity(count);
+        for _ in 0..count {
+            users.push(self.create_user().await);
+        }
+        users
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.api, path)
     }

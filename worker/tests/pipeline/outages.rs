@@ -133,23 +133,34 @@ async fn an_api_killed_with_unpublished_outbox_rows_loses_none_of_them() {
     drop(restarted);
 }
 
+/// A stack on a PostgreSQL server of its own (to stop or freeze), failing fast while it is away, with
+/// a worker and a user who has 5 acknowledged events.
+async fn on_a_private_postgres(
+    extra: &[(&str, &str)],
+) -> (testkit::PrivatePostgres, Stack, crate::helpers::WorkerHandle, String) {
+    let postgres = testkit::PrivatePostgres::start();
+    let port = postgres.port.to_string();
+    let mut vars = vec![
+        ("DB_PORT", port.as_str()),
+        ("DB_NAME", "postgres"),
+        ("DB_POOL_TIMEOUT_MS", "1000"),
+        ("DB_CONNECT_TIMEOUT", "2"),
+    ];
+    vars.extend_from_slice(extra);
+    let stack = Stack::start(&vars).await;
+    let worker = stack.start_worker().await;
+    let user = stack.create_user().await;
+    assert_eq!(post_events(&stack, &stack.url(""), &user, 5).await, 5);
+    (postgres, stack, worker, user)
+}
+
 /// PostgreSQL stopped outright (not just unreachable) and started again: the api answers 503 with
 /// `Retry-After` promptly while it is down, readiness follows, and the api and the worker carry on by
 /// themselves afterwards, every acknowledged event applied once.
 #[tokio::test(flavor = "multi_thread")]
 async fn with_postgres_stopped_and_started_again_everything_recovers_by_itself() {
-    let postgres = testkit::PrivatePostgres::start();
-    let port = postgres.port.to_string();
-    let stack = Stack::start(&[
-        ("DB_PORT", &port),
-        ("DB_NAME", "postgres"),
-        ("DB_POOL_TIMEOUT_MS", "1000"),
-        ("DB_CONNECT_TIMEOUT", "2"),
-    ])
-    .await;
-    let worker = stack.start_worker().await;
-    let user = stack.create_user().await;
-    let mut acknowledged = post_events(&stack, &stack.url(""), &user, 5).await;
+    let (postgres, stack, worker, user) = on_a_private_postgres(&[]).await;
+    let mut acknowledged = 5;
 
     postgres.stop_server();
     let started = Instant::now();
@@ -189,20 +200,9 @@ async fn with_postgres_stopped_and_started_again_everything_recovers_by_itself()
 /// exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn with_postgres_frozen_requests_get_503_within_the_deadline_and_everything_recovers() {
-    let postgres = testkit::PrivatePostgres::start();
-    let port = postgres.port.to_string();
-    let stack = Stack::start(&[
-        ("DB_PORT", &port),
-        ("DB_NAME", "postgres"),
-        ("DB_POOL_TIMEOUT_MS", "1000"),
-        ("DB_CONNECT_TIMEOUT", "2"),
-        ("DB_STATEMENT_TIMEOUT_MS", "1000"),
-        ("REQUEST_TIMEOUT", "5"),
-    ])
-    .await;
-    let worker = stack.start_worker().await;
-    let user = stack.create_user().await;
-    let mut acknowledged = post_events(&stack, &stack.url(""), &user, 5).await;
+    let (postgres, stack, worker, user) =
+        on_a_private_postgres(&[("DB_STATEMENT_TIMEOUT_MS", "1000"), ("REQUEST_TIMEOUT", "5")]).await;
+    let mut acknowledged = 5;
 
     postgres.freeze();
     // Enough requests to meet every pooled connection (each then hung) and then an empty pool.

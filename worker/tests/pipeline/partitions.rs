@@ -284,23 +284,8 @@ async fn worker_cut_from_kafka_loses_its_partitions_to_the_other_and_rejoins() {
     let env = Isolated::start(&[]).await;
     let host_worker = env.stack.start_worker().await;
     let (_worker_process, worker) = env.spawn("worker", &[]);
-    let assigned = |base: String| {
-        let client = env.stack.client.clone();
-        async move {
-            let ready: Value = client.get(format!("{base}/health/ready")).send().await.ok()?.json().await.ok()?;
-            (ready["assigned"] == true).then_some(())
-        }
-    };
-    testkit::eventually("both workers to hold partitions", Duration::from_secs(60), || async {
-        assigned(worker.clone()).await?;
-        assigned(format!("http://{}", host_worker.http)).await
-    })
-    .await;
-    // Users enough that both workers' partitions get events (4 partitions, 8 keys).
-    let mut users = Vec::new();
-    for _ in 0..8 {
-        users.push(env.stack.create_user().await);
-    }
+    env.stack.wait_until_assigned(&[worker.clone(), format!("http://{}", host_worker.http)]).await;
+    let users = env.stack.create_users(8).await;
 
     let kafka_port = env.stack.broker.proxy.addr().port();
     env.netns.partition(kafka_port);
