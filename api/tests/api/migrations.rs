@@ -77,6 +77,7 @@ fn diesel_type(udt_name: &str) -> &str {
         "int4" => "Int4",
         "int8" => "Int8",
         "bool" => "Bool",
+        "bytea" => "Bytea",
         "jsonb" => "Jsonb",
         "timestamptz" => "Timestamptz",
         other => panic!("add a mapping for PostgreSQL type {other}"),
