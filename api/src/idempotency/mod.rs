@@ -126,9 +126,11 @@ impl Idempotent {
 }
 
 /// SHA-256 (hex) of the body in canonical JSON (object keys sorted, no insignificant white space),
-/// so that the same JSON sent with other spacing or key order is the same request. A body that is
-/// not JSON is hashed as it is (its request fails, so it is never stored, but it must still differ
-/// from any stored one).
+/// so that the same JSON sent with other spacing or key order is the same request. Numbers compare
+/// as serde_json reads them: integers exactly within 64 bits, others as IEEE doubles (I-JSON,
+/// RFC 7493), so `1.0` and `1.00` are the same and `1` and `1.0` are not. A body that is not JSON is
+/// hashed as it is (its request fails, so it is never stored, but it must still differ from any
+/// stored one).
 fn body_sha256(body: &[u8]) -> String {
     let canonical = match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(value) => {

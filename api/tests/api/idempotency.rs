@@ -310,7 +310,8 @@ async fn a_request_in_flight_holds_its_key() {
     assert_eq!(response.status(), 409);
     assert_eq!(response.headers()["retry-after"], "1");
     assert_eq!(error_code(&response.json().await.unwrap()), "idempotency_key_in_use");
-    assert!(started.elapsed() < Duration::from_secs(2), "answered without waiting: {:?}", started.elapsed());
+    // Waiting for the first would last until the test commits below: REQUEST_TIMEOUT (10 s), then 503.
+    assert!(started.elapsed() < Duration::from_secs(5), "answered without waiting: {:?}", started.elapsed());
 
     blocker.batch_execute("COMMIT").await.unwrap();
     let first = first.await.unwrap();
@@ -484,4 +485,27 @@ async fn expired_keys_are_deleted_and_then_run_anew() {
     assert_eq!((again.0, again.2.as_deref()), (201, None), "ran anew");
     assert_ne!(again.3, first.3);
     assert_eq!(rows(&app, "events").await, 2);
+}
+
+/// A row past `expires_at` that the job has not deleted yet no longer counts: the key runs anew and
+/// its new answer replaces the row entirely (no `Location` left over from the old answer).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_key_runs_anew_before_the_job_deletes_it() {
+    let app = spawn_app().await;
+    let body = user_body(&unique_email("stale"));
+    let first = parts(send(&app.client, &app, Method::POST, "/api/v1/users", Some("reused"), &body).await).await;
+    assert_eq!(first.0, 201);
+    let id = serde_json::from_slice::<Value>(&first.3).unwrap()["id"].as_str().unwrap().to_owned();
+    let mut conn = testkit::connect(&app.config.database.name).await;
+    conn.batch_execute("UPDATE idempotency_keys SET expires_at = now() - interval '1 second'").await.unwrap();
+
+    // Another request with the key: not a mismatch any more, it runs.
+    let path = format!("/api/v1/users/{id}");
+    let deleted = parts(send(&app.client, &app, Method::DELETE, &path, Some("reused"), "").await).await;
+    assert_eq!((deleted.0, deleted.2.as_deref()), (204, None), "{deleted:?}");
+    let replay = parts(send(&app.client, &app, Method::DELETE, &path, Some("reused"), "").await).await;
+    assert_eq!((replay.0, replay.2.as_deref(), replay.1.as_deref()), (204, Some("true"), None), "{replay:?}");
+    let live = "SELECT count(*) AS count FROM idempotency_keys WHERE method = 'DELETE' AND expires_at > now()";
+    assert_eq!(count(&app.config.database.name, live).await, 1);
+    assert_eq!(rows(&app, "idempotency_keys").await, 1, "replaced, not added");
 }
