@@ -3,7 +3,6 @@
 //! commit, and expiry. Effects are counted where they land: rows in PostgreSQL and messages on the
 //! app's own Kafka topic.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::config::Config;
@@ -11,7 +10,8 @@ use diesel::QueryableByName;
 use diesel::sql_types::BigInt;
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use reqwest::{Method, Response};
 use serde_json::{Value, json};
@@ -71,44 +71,48 @@ fn event_body(user_id: &str) -> String {
     json!({"user_id": user_id, "type": "purchase", "data": {"amount": 42}}).to_string()
 }
 
-/// Every message on `config`'s topic up to its end at the time of the call, as (key, event type,
-/// value), once the outbox has been published (so that nothing committed is still on its way).
-async fn published(config: &Config) -> Vec<(String, String, Value)> {
+/// Every message about `user_id` (its Kafka key) on `config`'s topic, as (event type, value), once
+/// the outbox has been published. How the end is known: the outbox is empty only once Kafka has
+/// acknowledged every row, and a marker then produced with the same key lands in the same partition
+/// after all of them, so reading up to the marker reads everything the api published about the user
+/// (a broker's watermarks can lag behind its acknowledgements).
+async fn published_about(config: &Config, user_id: &str) -> Vec<(String, Value)> {
     let database = config.database.name.clone();
     testkit::eventually("the outbox to be published", Duration::from_secs(30), || async {
         (count(&database, "SELECT count(*) AS count FROM outbox").await == 0).then_some(())
     })
     .await;
     let kafka = config.kafka.clone();
+    let marker = format!("marker-{}", testkit::unique());
+    let producer: FutureProducer = common::kafka::producer_config(&kafka).create().unwrap();
+    let headers = OwnedHeaders::new().insert(Header { key: "event-type", value: Some("test-marker") });
+    let record = FutureRecord::to(&kafka.topic).key(user_id).payload(&marker).headers(headers);
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(err, _)| err).unwrap();
+    let user_id = user_id.to_owned();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = common::kafka::client_config(&kafka)
             .set("group.id", format!("reader-{}", testkit::unique()))
             .set("enable.auto.commit", "false")
             .create()
             .unwrap();
-        let timeout = Duration::from_secs(10);
-        let metadata = consumer.fetch_metadata(Some(&kafka.topic), timeout).unwrap();
-        let partitions = metadata.topics()[0].partitions().len();
+        let metadata = consumer.fetch_metadata(Some(&kafka.topic), Duration::from_secs(10)).unwrap();
         let mut assignment = TopicPartitionList::new();
-        let mut ends = HashMap::new();
-        for partition in 0..i32::try_from(partitions).unwrap() {
-            let (low, high) = consumer.fetch_watermarks(&kafka.topic, partition, timeout).unwrap();
-            if high > low {
-                assignment.add_partition_offset(&kafka.topic, partition, Offset::Offset(low)).unwrap();
-                ends.insert(partition, high);
-            }
+        for partition in metadata.topics()[0].partitions() {
+            assignment.add_partition_offset(&kafka.topic, partition.id(), Offset::Beginning).unwrap();
         }
         consumer.assign(&assignment).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut messages = Vec::new();
-        while !ends.is_empty() {
-            assert!(Instant::now() < deadline, "the topic was not read to its end in time");
+        loop {
+            assert!(Instant::now() < deadline, "the marker did not come back in time; read so far: {messages:?}");
             let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
             let message = message.unwrap();
-            if ends.get(&message.partition()).is_some_and(|end| message.offset() + 1 >= *end) {
-                ends.remove(&message.partition());
+            if message.key() != Some(user_id.as_bytes()) {
+                continue;
             }
-            let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+            if message.payload() == Some(marker.as_bytes()) {
+                return messages;
+            }
             let event_type = message
                 .headers()
                 .and_then(|headers| headers.iter().find(|header| header.key == "event-type"))
@@ -116,17 +120,16 @@ async fn published(config: &Config) -> Vec<(String, String, Value)> {
                 .map(|value| String::from_utf8_lossy(value).into_owned())
                 .unwrap_or_default();
             let value = serde_json::from_slice(message.payload().unwrap_or_default()).unwrap_or(Value::Null);
-            messages.push((key, event_type, value));
+            messages.push((event_type, value));
         }
-        messages
     })
     .await
     .unwrap()
 }
 
-/// The messages about `user_id` of this type.
-fn of_type<'a>(messages: &'a [(String, String, Value)], user_id: &str, event_type: &str) -> Vec<&'a Value> {
-    messages.iter().filter(|(key, kind, _)| key == user_id && kind == event_type).map(|(_, _, value)| value).collect()
+/// The messages of this type.
+fn of_type<'a>(messages: &'a [(String, Value)], event_type: &str) -> Vec<&'a Value> {
+    messages.iter().filter(|(kind, _)| kind == event_type).map(|(_, value)| value).collect()
 }
 
 /// A retry with the same key, method, path and the same JSON (other spacing and key order) gets the
@@ -174,11 +177,11 @@ async fn a_retry_gets_the_first_answer_and_nothing_is_written_or_published_again
     assert_eq!(rows(&app, "users").await, 0);
     assert_eq!(rows(&app, "idempotency_keys").await, 4, "one stored answer per key");
 
-    let messages = published(&app.config).await;
+    let messages = published_about(&app.config, &id).await;
     for event_type in ["user_created", "user_updated", "user_deleted"] {
-        assert_eq!(of_type(&messages, &id, event_type).len(), 1, "{event_type}: {messages:?}");
+        assert_eq!(of_type(&messages, event_type).len(), 1, "{event_type}: {messages:?}");
     }
-    let purchases = of_type(&messages, &id, "purchase");
+    let purchases = of_type(&messages, "purchase");
     assert_eq!(purchases.len(), 1, "{messages:?}");
     assert_eq!(purchases[0]["id"], event["id"]);
 }
@@ -341,8 +344,8 @@ async fn concurrent_duplicates_make_one_effect() {
         }
     }
     assert_eq!(rows(&app, "events").await, 1);
-    let messages = published(&app.config).await;
-    assert_eq!(of_type(&messages, &id, "purchase").len(), 1, "{messages:?}");
+    let messages = published_about(&app.config, &id).await;
+    assert_eq!(of_type(&messages, "purchase").len(), 1, "{messages:?}");
 }
 
 /// Writes `body` to `address` as a request with `key` and returns the open connection, unread.
@@ -402,8 +405,8 @@ async fn an_answer_lost_to_a_cut_connection_is_replayed_to_the_retry() {
     let retry = retry_until_settled(&app, "/api/v1/events", "cut-at-once", &body).await;
     assert_eq!(retry.0, 201, "{retry:?}");
     assert_eq!(rows(&app, "events").await, 2, "one event per key");
-    let messages = published(&app.config).await;
-    assert_eq!(of_type(&messages, &id, "purchase").len(), 2, "{messages:?}");
+    let messages = published_about(&app.config, &id).await;
+    assert_eq!(of_type(&messages, "purchase").len(), 2, "{messages:?}");
 }
 
 /// The api is killed (SIGKILL) after committing a user it never answered for, with Kafka out of
@@ -462,9 +465,9 @@ async fn an_api_killed_after_its_commit_leaves_the_answer_for_the_retry() {
     let id = user["id"].as_str().unwrap();
     assert_eq!(location, Some(format!("/api/v1/users/{id}")));
     assert_eq!(count(&database, "SELECT count(*) AS count FROM users").await, 1);
-    let messages = published(&config).await;
-    assert_eq!(of_type(&messages, id, "user_created").len(), 1, "{messages:?}");
-    assert_eq!(messages.len(), 1, "{messages:?}");
+    let messages = published_about(&config, id).await;
+    assert_eq!(of_type(&messages, "user_created").len(), 1, "{messages:?}");
+    assert_eq!(messages.len(), 1, "nothing else about the user: {messages:?}");
 }
 
 /// After `IDEMPOTENCY_TTL` the expiry job deletes the stored answer, and the key runs anew.
