@@ -113,6 +113,7 @@ impl App {
         let expiry = tokio::spawn(idempotency::expiry::run(
             self.state.db.clone(),
             self.state.config.idempotency_ttl,
+            self.state.metrics.idempotency_keys_expired.clone(),
             relay_stopped.clone(),
         ));
         let relay = tokio::spawn(relay.run(relay_stopped));

@@ -169,19 +169,37 @@ async fn write(
         let (method, path) = (parts.method.as_str(), parts.uri.path());
         Idempotent::new(caller.to_owned(), key, method, path, &body, state.config.idempotency_ttl)
     });
+    let counted = idempotent.is_some();
+    let result = run_write(state, request_id, endpoint, id, &body, idempotent).await;
+    if counted {
+        let outcome = idempotency::Outcome::of(&result).as_str();
+        state.metrics.idempotent_requests.with_label_values(&[outcome]).inc();
+    }
+    result
+}
+
+/// [`write`] once the body is read: a committed answer to the key first, else the handler.
+async fn run_write(
+    state: &AppState,
+    request_id: &str,
+    endpoint: Endpoint,
+    id: Option<String>,
+    body: &[u8],
+    idempotent: Option<Idempotent>,
+) -> Result<HttpResponse, ApiError> {
     if let Some(idempotent) = &idempotent
         && let Some(replay) = idempotency::replay(&state.db, idempotent).await?
     {
         return Ok(replay);
     }
     match endpoint {
-        Endpoint::CreateUser => users::create(state, request_id, parse_json(&body)?, idempotent).await,
+        Endpoint::CreateUser => users::create(state, request_id, parse_json(body)?, idempotent).await,
         Endpoint::UpdateUser => {
             let id = parse_id(id)?;
-            users::update(state, request_id, id, parse_json(&body)?, idempotent).await
+            users::update(state, request_id, id, parse_json(body)?, idempotent).await
         }
         Endpoint::DeleteUser => users::delete(state, request_id, parse_id(id)?, idempotent).await,
-        Endpoint::CreateEvent => events::create(state, request_id, parse_json(&body)?, idempotent).await,
+        Endpoint::CreateEvent => events::create(state, request_id, parse_json(body)?, idempotent).await,
         other => Err(ApiError::Internal(anyhow::anyhow!("{other:?} is not a write"))),
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use chrono::Utc;
 use common::db::prepared::{Bind, Prepared};
 use diesel_async::RunQueryDsl;
+use prometheus::IntCounter;
 use tokio::sync::watch;
 
 use crate::db::DbPool;
@@ -29,12 +30,12 @@ DELETE FROM idempotency_keys WHERE (client_id, idempotency_key) IN (
     ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)";
 
 /// Runs until `stop` turns true: a pass every `ttl` (at most [`MAX_INTERVAL`]), each pass deleting
-/// batches until one comes back short. A failure (PostgreSQL down) is logged and the next pass
-/// tries again.
-pub async fn run(pool: DbPool, ttl: Duration, mut stop: watch::Receiver<bool>) {
+/// batches until one comes back short, counted in `deleted_total`. A failure (PostgreSQL down) is
+/// logged and the next pass tries again.
+pub async fn run(pool: DbPool, ttl: Duration, deleted_total: IntCounter, mut stop: watch::Receiver<bool>) {
     let interval = ttl.min(MAX_INTERVAL);
     loop {
-        match delete_expired(&pool).await {
+        match delete_expired(&pool, &deleted_total).await {
             Ok(0) => {}
             Ok(deleted) => tracing::debug!(idempotency.keys_deleted = deleted, "expired idempotency keys deleted"),
             Err(err) => {
@@ -50,7 +51,7 @@ pub async fn run(pool: DbPool, ttl: Duration, mut stop: watch::Receiver<bool>) {
 }
 
 /// One pass: batches until one deletes fewer than [`BATCH_SIZE`] rows; the number deleted.
-async fn delete_expired(pool: &DbPool) -> anyhow::Result<usize> {
+async fn delete_expired(pool: &DbPool, deleted_total: &IntCounter) -> anyhow::Result<usize> {
     let mut total = 0;
     loop {
         let mut conn = pool.get().await?;
@@ -58,6 +59,7 @@ async fn delete_expired(pool: &DbPool) -> anyhow::Result<usize> {
             .execute(&mut conn)
             .await?;
         total += deleted;
+        deleted_total.inc_by(u64::try_from(deleted).unwrap_or(u64::MAX));
         if i64::try_from(deleted).unwrap_or(i64::MAX) < BATCH_SIZE {
             return Ok(total);
         }

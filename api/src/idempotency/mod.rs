@@ -231,6 +231,45 @@ impl Answer {
     }
 }
 
+/// What became of a write sent with a key: the `outcome` label of `idempotent_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It ran, and its answer is stored.
+    Stored,
+    /// A stored answer was sent again.
+    Replayed,
+    /// 422: the key answered another request.
+    Mismatch,
+    /// 409: a request with the key was in flight.
+    InUse,
+    /// It failed (nothing stored).
+    Failed,
+}
+
+impl Outcome {
+    /// What `result`, the answer to a write with a key, says happened.
+    pub fn of(result: &Result<HttpResponse, ApiError>) -> Self {
+        match result {
+            Ok(response) if response.headers().contains_key(REPLAYED_HEADER) => Self::Replayed,
+            Ok(_) => Self::Stored,
+            Err(ApiError::IdempotencyKeyMismatch) => Self::Mismatch,
+            Err(ApiError::IdempotencyKeyInUse) => Self::InUse,
+            Err(_) => Self::Failed,
+        }
+    }
+
+    /// The metric label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::Replayed => "replayed",
+            Self::Mismatch => "mismatch",
+            Self::InUse => "in_use",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// How a handler's write runs when the request has no key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WithoutKey {

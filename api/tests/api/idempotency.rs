@@ -177,6 +177,12 @@ async fn a_retry_gets_the_first_answer_and_nothing_is_written_or_published_again
     assert_eq!(rows(&app, "users").await, 0);
     assert_eq!(rows(&app, "idempotency_keys").await, 4, "one stored answer per key");
 
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for outcome in ["stored", "replayed"] {
+        let line = format!("idempotent_requests_total{{outcome=\"{outcome}\"}} 4\n");
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
+
     let messages = published_about(&app.config, &id).await;
     for event_type in ["user_created", "user_updated", "user_deleted"] {
         assert_eq!(of_type(&messages, event_type).len(), 1, "{event_type}: {messages:?}");
@@ -484,6 +490,8 @@ async fn expired_keys_are_deleted_and_then_run_anew() {
         (count(&database, "SELECT count(*) AS count FROM idempotency_keys").await == 0).then_some(())
     })
     .await;
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("idempotency_keys_expired_total 1\n"), "{metrics}");
     let again = parts(send(&app.client, &app, Method::POST, "/api/v1/events", Some("short-lived"), &body).await).await;
     assert_eq!((again.0, again.2.as_deref()), (201, None), "ran anew");
     assert_ne!(again.3, first.3);
