@@ -42,8 +42,10 @@ ensure_packages() {
 # Debian packages the build and these scripts need.
 ensure_system_packages() {
   # cmake + zlib/curl/OpenSSL headers build rdkafka's bundled librdkafka (SPEC §7); socat terminates
-  # TLS in front of the test broker.
-  ensure_packages postgresql redis-server cmake pkg-config zlib1g-dev libcurl4-openssl-dev libssl-dev socat
+  # TLS in front of the test broker; iproute2 + nftables put binaries in network namespaces whose
+  # packets the partition tests drop (testkit::netns).
+  ensure_packages postgresql redis-server cmake pkg-config zlib1g-dev libcurl4-openssl-dev libssl-dev socat \
+    iproute2 nftables
   python3 -c 'import venv, ensurepip' 2>/dev/null || ensure_packages python3-venv
 }
 

@@ -4,14 +4,13 @@ use anyhow::Context;
 use common::config::DatabaseConfig;
 use common::postgres::Connector;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel_async::pooled_connection::PoolError;
 use diesel_async::{AnsiTransactionManager, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, TransactionManager};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::future::BoxFuture;
 
 use crate::http::error::ApiError;
 
-pub use common::pool::{DbConn, DbPool};
+pub use common::pool::DbPool;
 
 /// The migrations in `migrations/`, compiled into the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
@@ -114,24 +113,14 @@ where
     F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T, ApiError>> + Send + 'static,
 {
     let pool = pool.clone();
-    tokio::spawn(async move {
-        let mut pooled = pool.get_owned().await?;
-        work(&mut pooled).await
-    })
-    .await
-    .map_err(|err| ApiError::Internal(anyhow::Error::new(err).context("database task failed")))?
+    tokio::spawn(async move { pool.run(work).await })
+        .await
+        .map_err(|err| ApiError::Internal(anyhow::Error::new(err).context("database task failed")))?
 }
 
-impl From<bb8::RunError<PoolError>> for ApiError {
-    fn from(err: bb8::RunError<PoolError>) -> Self {
-        match err {
-            bb8::RunError::TimedOut => {
-                ApiError::Unavailable(anyhow::anyhow!("no database connection became available in time"))
-            }
-            bb8::RunError::User(err) => {
-                ApiError::Unavailable(anyhow::Error::new(err).context("failed to connect to PostgreSQL"))
-            }
-        }
+impl From<common::pool::Unavailable> for ApiError {
+    fn from(err: common::pool::Unavailable) -> Self {
+        ApiError::Unavailable(err.into())
     }
 }
 

@@ -86,8 +86,13 @@ fn auth_report(auth: &Authenticator) -> (&'static str, (Value, bool)) {
 
 async fn check_postgres(state: &AppState) -> Result<(), String> {
     let check = async {
-        let mut conn = state.db.get().await.map_err(|err| err.to_string())?;
-        diesel::sql_query("SELECT 1").execute(&mut conn).await.map_err(|err| err.to_string())?;
+        state
+            .db
+            .run(|conn| {
+                Box::pin(async move { Ok::<_, anyhow::Error>(diesel::sql_query("SELECT 1").execute(conn).await?) })
+            })
+            .await
+            .map_err(|err| format!("{err:#}"))?;
         Ok(())
     };
     tokio::time::timeout(CHECK_TIMEOUT, check).await.unwrap_or_else(|_| Err("timed out".into()))
@@ -98,9 +103,10 @@ pub async fn metrics(state: &AppState) -> HttpResponse {
     state.metrics.sample_pool(&state.db, state.config.database.pool_max_size.get());
     state.metrics.sample_in_flight(state.config.server.max_inflight_requests, state.in_flight.available_permits());
     let backlog = async {
-        let mut conn = state.db.get().await.ok()?;
-        diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::BigInt>("(SELECT count(*) FROM outbox)"))
-            .get_result::<i64>(&mut conn)
+        let count = diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::BigInt>("(SELECT count(*) FROM outbox)"));
+        state
+            .db
+            .run(|conn| Box::pin(async move { Ok::<_, anyhow::Error>(count.get_result::<i64>(conn).await?) }))
             .await
             .ok()
     };

@@ -29,6 +29,8 @@ pub struct ApiMetrics {
     pub outbox_published: IntCounter,
     /// Messages Kafka did not acknowledge (retried).
     pub outbox_failed: IntCounter,
+    /// 1 while this replica holds the outbox publisher's lease.
+    pub outbox_publishing: IntGauge,
     /// Requests refused by authentication, by reason (`auth_rejections_total`).
     pub auth_rejections: IntCounterVec,
     /// JWKS loads by trigger (`schedule`, `unknown_kid`) and result (`ok`, `error`).
@@ -92,6 +94,7 @@ impl ApiMetrics {
             outbox_published: r.counter("outbox_published_total", "Outbox messages acknowledged by Kafka"),
             outbox_failed: r
                 .counter("outbox_publish_failures_total", "Outbox messages Kafka did not acknowledge (retried)"),
+            outbox_publishing: r.gauge("outbox_publishing", "1 while this replica holds the outbox publisher's lease"),
             auth_rejections: r.counter_vec(
                 "auth_rejections_total",
                 "Requests refused by authentication, by reason",

@@ -42,11 +42,15 @@
 //!   Kafka answers a waiting fetch as soon as data arrives; on tansu the wait shows in the delay
 //!   from commit to processing (measured). Lower costs only more idle fetch requests.
 //! - `EVENT_MAX_DATA_BYTES` [65536]: largest serialized `data` of an event (413 beyond).
-//! - `OUTBOX_BATCH_SIZE` [500], `OUTBOX_POLL_INTERVAL_MS` [100]: the api's outbox relay.
+//! - `OUTBOX_BATCH_SIZE` [500], `OUTBOX_POLL_INTERVAL_MS` [100], `OUTBOX_TAKEOVER_TIMEOUT` [10]: the
+//!   api's outbox relay.
 //! - `IDEMPOTENCY_TTL` [86400]: how long the api keeps the answer to a write sent with an
 //!   `Idempotency-Key` (SPEC §10); 1 to 31536000 (a year).
 //! - `WORKER_HTTP_PORT` [8081], `WORKER_CONCURRENCY` [16], `WORKER_MAX_RETRIES` [5],
 //!   `WORKER_RETRY_BACKOFF_MS` [100], `WORKER_MAX_IN_FLIGHT` [4000]: the worker.
+//! - `WORKER_MAX_IN_FLIGHT_BYTES` [67108864 = 64 MiB]: bytes of messages in flight before the worker
+//!   pauses fetching, whichever of it and `WORKER_MAX_IN_FLIGHT` comes first (see
+//!   [`DEFAULT_WORKER_MAX_IN_FLIGHT_BYTES`] for why this fits the worker's memory limit).
 //! - `RATE_LIMIT_RPS` [0 = off], `RATE_LIMIT_BURST` [= RATE_LIMIT_RPS]: the api's per-client limit;
 //!   `TRUSTED_PROXIES` [none]: comma-separated CIDRs whose `X-Forwarded-For` names the client.
 //!
@@ -57,7 +61,7 @@
 
 use std::fmt::Display;
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -188,6 +192,8 @@ pub struct OutboxConfig {
     pub batch_size: NonZeroU32,
     /// How often the relay looks for rows written by other replicas (its own wake it at once).
     pub poll_interval: Duration,
+    /// How long after the publishing replica stops making progress another one publishes.
+    pub takeover_timeout: Duration,
 }
 
 /// The worker.
@@ -203,7 +209,23 @@ pub struct WorkerConfig {
     pub retry_backoff: Duration,
     /// Messages in flight before the consumer pauses fetching.
     pub max_in_flight: NonZeroU32,
+    /// Bytes of messages in flight before the consumer pauses fetching.
+    pub max_in_flight_bytes: NonZeroUsize,
 }
+
+/// Default `WORKER_MAX_IN_FLIGHT_BYTES`: 64 MiB, sized for the worker's 256 MiB memory limit
+/// (k8s/worker-deployment.yaml). At `EVENT_MAX_DATA_BYTES` (64 KiB) per event, the 4,000 messages
+/// `WORKER_MAX_IN_FLIGHT` allows would be ~260 MB; this bound stops fetching at ~1,000 of them.
+/// What the worker holds of fetched messages, at most:
+/// - in flight: this bound (plus the one message that crosses it);
+/// - the lanes' decoded copies of the batches they are applying: at most as much again (64 MiB);
+/// - librdkafka's prefetch queue: [`crate::kafka::CONSUMER_PREFETCH_MAX_BYTES`] (24 MiB).
+///
+/// That is 152 MiB on top of the idle process (21 MiB, measured by the test below): ~173 MiB,
+/// leaving ~80 MiB of the limit for the allocator's slack and everything else. The test
+/// `memory::a_backlog_of_maximum_size_events_during_a_postgres_outage_keeps_worker_memory_bounded`
+/// (worker/tests/pipeline) holds a worker to this arithmetic at a smaller bound.
+pub const DEFAULT_WORKER_MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 
 /// HTTP server settings.
 #[derive(Debug, Clone)]
@@ -428,6 +450,12 @@ impl Config {
             outbox: OutboxConfig {
                 batch_size: env.parse("OUTBOX_BATCH_SIZE", NonZeroU32::new(500).expect("non-zero"))?,
                 poll_interval: env.millis("OUTBOX_POLL_INTERVAL_MS", 100)?,
+                takeover_timeout: match env.seconds("OUTBOX_TAKEOVER_TIMEOUT", 10)? {
+                    timeout if timeout.is_zero() => {
+                        return Err(env.invalid("OUTBOX_TAKEOVER_TIMEOUT", "must be at least 1 second".into()));
+                    }
+                    timeout => timeout,
+                },
             },
             idempotency_ttl: match env.parse("IDEMPOTENCY_TTL", 86_400)? {
                 seconds @ 1..=MAX_IDEMPOTENCY_TTL_SECONDS => Duration::from_secs(seconds),
@@ -445,6 +473,10 @@ impl Config {
                 max_retries: env.parse("WORKER_MAX_RETRIES", 5)?,
                 retry_backoff: env.millis("WORKER_RETRY_BACKOFF_MS", 100)?,
                 max_in_flight: env.parse("WORKER_MAX_IN_FLIGHT", NonZeroU32::new(4000).expect("non-zero"))?,
+                max_in_flight_bytes: env.parse(
+                    "WORKER_MAX_IN_FLIGHT_BYTES",
+                    NonZeroUsize::new(DEFAULT_WORKER_MAX_IN_FLIGHT_BYTES).expect("non-zero"),
+                )?,
             },
         })
     }
@@ -740,6 +772,7 @@ mod tests {
         assert_eq!(config.idempotency_ttl, Duration::from_secs(86_400));
         assert_eq!(config.log.format, LogFormat::Json);
         assert!(config.run_migrations);
+        assert_eq!(config.worker.max_in_flight_bytes.get(), 64 * 1024 * 1024);
     }
 
     #[test]
@@ -765,6 +798,8 @@ mod tests {
             ("KAFKA_TOPIC_PARTITIONS", "0"),
             ("WORKER_CONCURRENCY", "many"),
             ("EVENT_MAX_DATA_BYTES", "64k"),
+            ("WORKER_MAX_IN_FLIGHT_BYTES", "64MiB"),
+            ("WORKER_MAX_IN_FLIGHT_BYTES", "0"),
             ("RATE_LIMIT_RPS", "-5"),
             ("RATE_LIMIT_BURST", "0"),
             ("RATE_LIMIT_RPS", "100001"),

@@ -134,10 +134,35 @@ pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
         // pick-up delay (bench/run, 300 events/s: p99 96-143 ms at 100 ms, 43-86 ms at 20 ms).
         // On Kafka a lower value only means more idle fetch requests.
         .set("fetch.wait.max.ms", config.fetch_wait_max.as_millis().to_string())
-        // Bound what librdkafka prefetches while the worker pauses for backpressure.
-        .set("queued.max.messages.kbytes", "16384");
+        // Bound what librdkafka holds of fetched messages (see CONSUMER_PREFETCH_MAX_BYTES).
+        .set("queued.max.messages.kbytes", (CONSUMER_QUEUE_BYTES / 1024).to_string())
+        .set("fetch.max.bytes", CONSUMER_FETCH_MAX_BYTES.to_string())
+        .set("max.partition.fetch.bytes", CONSUMER_PARTITION_FETCH_MAX_BYTES.to_string());
     client
 }
+
+/// The consumer's prefetch queue (`queued.max.messages.kbytes`, in bytes here). librdkafka stops
+/// fetching a partition while its one consumer queue holds this much (it applies to the whole
+/// queue, not per partition, with the high-level consumer).
+pub const CONSUMER_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The consumer's `fetch.max.bytes`: what the broker may return for one fetch request. librdkafka
+/// would otherwise take the smaller of 50 MB and the queue size (16 MiB).
+pub const CONSUMER_FETCH_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+/// The consumer's `max.partition.fetch.bytes` (librdkafka's default, stated): what one partition
+/// may contribute to a fetch response. Events are at most `EVENT_MAX_DATA_BYTES` (64 KiB) plus
+/// their envelope, so a partition's response holds at least 15 of them.
+pub const CONSUMER_PARTITION_FETCH_MAX_BYTES: usize = 1024 * 1024;
+
+/// Most fetched messages librdkafka holds in the worker: a queue under [`CONSUMER_QUEUE_BYTES`] may
+/// still have a fetch request out, whose response (at most [`CONSUMER_FETCH_MAX_BYTES`]) lands on
+/// top of it. One fetch is out per broker at a time: k8s/kafka.yaml runs one broker; add one
+/// [`CONSUMER_FETCH_MAX_BYTES`] per further broker. Pausing for backpressure discards what is
+/// queued (librdkafka bumps the partition's version, and on resume fetches again from the
+/// application's position), so while the worker is paused this drains to nothing. The worker's own
+/// bound, `WORKER_MAX_IN_FLIGHT_BYTES`, comes on top (see `DEFAULT_WORKER_MAX_IN_FLIGHT_BYTES`).
+pub const CONSUMER_PREFETCH_MAX_BYTES: usize = CONSUMER_QUEUE_BYTES + CONSUMER_FETCH_MAX_BYTES;
 
 /// Creates the events topic and its dead-letter topic if they do not exist. Gives up after
 /// [`ENSURE_TOPICS_TIMEOUT`], with the reason librdkafka last gave (a refused certificate or
@@ -243,6 +268,15 @@ mod tests {
     fn settings(vars: &[(&str, &str)]) -> ClientConfig {
         let config = Config::from_lookup(|name| vars.iter().find(|(var, _)| *var == name).map(|(_, v)| v.to_string()));
         client_config(&config.unwrap().kafka)
+    }
+
+    #[test]
+    fn the_consumer_prefetches_at_most_24_mib() {
+        let consumer = consumer_config(&Config::from_lookup(|_| None).unwrap().kafka);
+        let values = ["queued.max.messages.kbytes", "fetch.max.bytes", "max.partition.fetch.bytes"]
+            .map(|key| consumer.get(key).unwrap_or_default().to_owned());
+        assert_eq!(values, ["16384", "8388608", "1048576"]);
+        assert_eq!(CONSUMER_PREFETCH_MAX_BYTES, 24 * 1024 * 1024);
     }
 
     #[test]

@@ -1,19 +1,94 @@
 //! The PostgreSQL connection pool (diesel-async over bb8), configured the same way in both binaries.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel_async::AsyncPgConnection;
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, PoolError};
+use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
 
 use crate::config::DatabaseConfig;
 use crate::postgres::Connector;
 
-/// A pool of PostgreSQL connections.
-pub type DbPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
+type Manager = AsyncDieselConnectionManager<AsyncPgConnection>;
 
-/// A connection checked out of [`DbPool`].
-pub type DbConn<'a> = bb8::PooledConnection<'a, AsyncDieselConnectionManager<AsyncPgConnection>>;
+/// Work on one connection: a closure returning a boxed future that borrows the connection.
+pub type Work<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
+
+/// A pool of PostgreSQL connections whose every use has a client-side deadline.
+///
+/// The server's `statement_timeout` cannot help when the server hangs (a frozen process still
+/// acknowledges TCP) or the route drops packets silently (TCP gives up only after
+/// `tcp_user_timeout`): a query then waits with its pool slot held. So every unit of work gets
+/// [`DbPool::deadline`], and a connection whose work did not finish — past the deadline, or
+/// abandoned because the caller gave up (a request timeout) — is never handed out again: the
+/// next caller would wait on the same dead connection.
+#[derive(Clone)]
+pub struct DbPool {
+    pool: bb8::Pool<Manager>,
+    deadline: Duration,
+}
+
+/// PostgreSQL did not serve the work: retry later, never a client's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    /// Every connection stayed busy, or none could be opened, for `DB_POOL_TIMEOUT_MS`.
+    #[error("no database connection became available in time")]
+    PoolTimedOut,
+    /// Opening a connection failed.
+    #[error("failed to connect to PostgreSQL: {0}")]
+    Connect(#[source] PoolError),
+    /// The work outlived its deadline; its connection is dropped.
+    #[error("no answer from PostgreSQL within {0:?}")]
+    Deadline(Duration),
+}
+
+impl DbPool {
+    /// Runs `work` on a pooled connection within [`DbPool::deadline`].
+    pub async fn run<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        E: From<Unavailable>,
+        F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> Work<'c, Result<T, E>>,
+    {
+        let conn = self.pool.get().await.map_err(|err| match err {
+            bb8::RunError::TimedOut => Unavailable::PoolTimedOut,
+            bb8::RunError::User(err) => Unavailable::Connect(err),
+        })?;
+        let mut checkout = Checkout { conn, finished: false };
+        let result = tokio::time::timeout(self.deadline, work(&mut checkout.conn))
+            .await
+            .map_err(|_| Unavailable::Deadline(self.deadline))?;
+        checkout.finished = true;
+        result
+    }
+
+    /// How long one unit of work may take: `DB_STATEMENT_TIMEOUT_MS` plus a second, so that the
+    /// server cancels a slow statement (a clear error) before the client gives up on the connection.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    /// Connections open and idle.
+    pub fn state(&self) -> bb8::State {
+        self.pool.state()
+    }
+}
+
+/// A checked-out connection that goes back to the pool only if its work finished.
+struct Checkout<'a> {
+    conn: bb8::PooledConnection<'a, Manager>,
+    finished: bool,
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The pool discards a connection whose transaction manager is in error when it comes back.
+            AnsiTransactionManager::transaction_manager_status_mut(&mut *self.conn).set_in_error();
+        }
+    }
+}
 
 /// Builds the pool without connecting, so a process starts (and reports not-ready) while PostgreSQL
 /// is down or refuses its certificate. Fails only on settings no connection could use (see
@@ -27,15 +102,17 @@ pub fn build(config: &DatabaseConfig, application_name: &str) -> anyhow::Result<
     });
     // The connection string is unused: the setup above connects from the config itself.
     let manager = AsyncDieselConnectionManager::new_with_config("", manager_config);
-    Ok(bb8::Pool::builder()
+    let pool = bb8::Pool::builder()
         .max_size(config.pool_max_size.get())
         .min_idle(Some(config.pool_min_idle))
         .connection_timeout(config.pool_timeout)
         // A checkout test costs a round trip per request; broken connections are detected when
-        // they are returned instead (diesel-async reports them via `has_broken`).
+        // they are returned instead (diesel-async reports them via `has_broken`, and
+        // [`DbPool::run`] marks the ones whose work did not finish).
         .test_on_check_out(false)
         .idle_timeout(Some(Duration::from_secs(300)))
-        .build_unchecked(manager))
+        .build_unchecked(manager);
+    Ok(DbPool { pool, deadline: config.statement_timeout + Duration::from_secs(1) })
 }
 
 /// Whether a query failed because PostgreSQL could not serve it right now (connection lost or

@@ -6,7 +6,7 @@
 //! killed mid-rebalance (every later JoinGroup/SyncGroup times out), which is a broker fault the soak
 //! would otherwise report as ours.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Stdio;
 
@@ -30,8 +30,8 @@ pub struct Broker {
 
 /// What the broker advertises, so that clients come back the way they first came in.
 enum Advertise {
-    /// The proxy's address.
-    Proxy,
+    /// The proxy's address, the proxy listening on this IP.
+    Proxy(IpAddr),
     /// The proxy's port, as `localhost` (the name a test certificate carries).
     ProxyAsLocalhost,
     /// Another address in front of the proxy.
@@ -51,7 +51,14 @@ impl Drop for Broker {
 impl Broker {
     /// Starts tansu listening on a free port and advertising the proxy's address.
     pub async fn start() -> Self {
-        Self::spawn("tansu", tansu_binary(), &["--storage-engine", "memory://tansu/"], None, Advertise::Proxy).await
+        Self::start_at(IpAddr::from([127, 0, 0, 1])).await
+    }
+
+    /// Like [`Broker::start`], its proxy listening on (and advertising) `ip`: one of this host's
+    /// addresses, such as a [`crate::Netns::host_ip`] that binaries in the namespace can reach.
+    pub async fn start_at(ip: IpAddr) -> Self {
+        let storage = ["--storage-engine", "memory://tansu/"];
+        Self::spawn("tansu", tansu_binary(), &storage, None, Advertise::Proxy(ip)).await
     }
 
     /// Starts tansu behind a TLS terminator (`socat`) serving `cert` on `localhost:<port>`, which the
@@ -91,7 +98,7 @@ impl Broker {
         let engine = format!("sqlite://{name}");
         let file = std::env::temp_dir().join(name);
         let args = ["--storage-engine", &engine, "--group-initial-rebalance-delay", "0s"];
-        Self::spawn("nisshi", binary.into(), &args, Some(file), Advertise::Proxy).await
+        Self::spawn("nisshi", binary.into(), &args, Some(file), Advertise::Proxy(IpAddr::from([127, 0, 0, 1]))).await
     }
 
     /// Starts nisshi (see [`Broker::start_nisshi`]) serving only TLS with `cert` on `localhost:<the
@@ -149,11 +156,14 @@ impl Broker {
         storage: Option<PathBuf>,
         advertise: Advertise,
     ) -> Self {
-        let (proxy_listener, proxy_addr) = FaultProxy::bind().await;
+        let (proxy_listener, proxy_addr) = match advertise {
+            Advertise::Proxy(ip) => FaultProxy::bind_at(ip).await,
+            _ => FaultProxy::bind().await,
+        };
         let broker_port = crate::closed_port();
         let broker_addr: SocketAddr = format!("127.0.0.1:{broker_port}").parse().unwrap();
         let advertised = match advertise {
-            Advertise::Proxy => proxy_addr.to_string(),
+            Advertise::Proxy(_) => proxy_addr.to_string(),
             Advertise::ProxyAsLocalhost => format!("localhost:{}", proxy_addr.port()),
             Advertise::Front(front) => front,
         };

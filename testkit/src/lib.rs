@@ -6,6 +6,7 @@
 
 pub mod auth;
 mod broker;
+mod netns;
 mod postgres;
 mod process;
 mod proxy;
@@ -19,6 +20,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 pub use broker::Broker;
+pub use netns::Netns;
 pub use postgres::PrivatePostgres;
 pub use process::Process;
 pub use proxy::FaultProxy;

@@ -87,6 +87,25 @@ impl PrivatePostgres {
         self.run_as_owner("pg_ctl", &["-w", "-m", "immediate", "stop", "-D"], Some(&self.dir.join("data")));
     }
 
+    /// Freezes the server and its backends (`SIGSTOP`), as a paused VM or a hung host would: its
+    /// sockets stay open and the kernel still acknowledges packets, but nothing answers.
+    pub fn freeze(&self) {
+        self.signal_all("STOP");
+    }
+
+    /// Lets a frozen server run again.
+    pub fn thaw(&self) {
+        self.signal_all("CONT");
+    }
+
+    /// Signals the postmaster's children, then the postmaster (which forks no new ones while stopped).
+    fn signal_all(&self, signal: &str) {
+        let Ok(pid_file) = std::fs::read_to_string(self.dir.join("data/postmaster.pid")) else { return };
+        let pid = pid_file.lines().next().unwrap_or_default().trim().to_owned();
+        let _ = Command::new("pkill").args([&format!("-{signal}"), "-P", &pid]).status();
+        let _ = Command::new("kill").args([&format!("-{signal}"), &pid]).status();
+    }
+
     fn run_as_owner(&self, tool: &str, args: &[&str], path_arg: Option<&Path>) {
         let mut command = self.owner_command(tool);
         command.args(args);
@@ -111,6 +130,8 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
+        // A frozen server would never stop.
+        self.thaw();
         let _ =
             self.owner_command("pg_ctl").args(["-m", "immediate", "stop", "-D"]).arg(self.dir.join("data")).output();
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -19,14 +19,19 @@ pub struct Process {
 impl Process {
     /// Starts `program` with exactly `vars` as its environment; stderr goes to the test's.
     pub fn spawn(program: &Path, vars: &HashMap<String, String>) -> Self {
-        let mut child = Command::new(program)
+        Self::spawn_command(Command::new(program), vars)
+    }
+
+    /// Like [`Process::spawn`], for a command already prepared (e.g. [`crate::Netns::command`]).
+    pub fn spawn_command(mut command: Command, vars: &HashMap<String, String>) -> Self {
+        let mut child = command
             .env_clear()
             .envs(vars)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {}: {err}", program.display()));
+            .unwrap_or_else(|err| panic!("cannot start {:?}: {err}", command.as_std()));
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().unwrap();
         let collected = Arc::clone(&lines);

@@ -1,7 +1,7 @@
 //! A TCP proxy whose path can be cut and restored: how tests simulate a network outage to a
 //! dependency without restarting it (tansu's memory storage would lose everything on a restart).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -23,7 +23,12 @@ struct State {
 impl FaultProxy {
     /// Binds a local port now; forwards to `upstream` once [`FaultProxy::start`] is called.
     pub async fn bind() -> (TcpListener, SocketAddr) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::bind_at(IpAddr::from([127, 0, 0, 1])).await
+    }
+
+    /// Like [`FaultProxy::bind`], on a port of `ip` (one of this host's addresses).
+    pub async fn bind_at(ip: IpAddr) -> (TcpListener, SocketAddr) {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         (listener, addr)
     }
@@ -53,8 +58,13 @@ impl FaultProxy {
 
     /// A running proxy in front of `upstream` (`host:port`).
     pub async fn in_front_of(upstream: &str) -> Self {
+        Self::in_front_of_at(upstream, IpAddr::from([127, 0, 0, 1])).await
+    }
+
+    /// A running proxy in front of `upstream`, listening on `ip` (e.g. [`crate::Netns::host_ip`]).
+    pub async fn in_front_of_at(upstream: &str, ip: IpAddr) -> Self {
         let upstream = tokio::net::lookup_host(upstream).await.unwrap().next().unwrap();
-        let (listener, _) = Self::bind().await;
+        let (listener, _) = Self::bind_at(ip).await;
         Self::start(listener, upstream)
     }
 

@@ -71,47 +71,50 @@ SELECT id FROM claimed";
 /// counters (a no-op when the deletion's cascade got there first), in the same transaction. A failure
 /// fails the whole batch: nothing of it is committed, and the caller retries or splits it.
 pub async fn apply(pool: &DbPool, events: &[&EventMessage]) -> Result<Vec<Applied>, EffectError> {
-    let mut conn = pool.get().await.map_err(|err| EffectError::Unavailable(err.to_string()))?;
     let client_events: Vec<Uuid> = events.iter().filter(|event| !event.is_lifecycle()).map(|event| event.id).collect();
     let deleted_users: Vec<Uuid> =
         events.iter().filter(|event| event.event_type == lifecycle::USER_DELETED).map(|event| event.user_id).collect();
-    // Two statements are one transaction (one alone is atomic anyway, and deletions are rare).
-    let both = !client_events.is_empty() && !deleted_users.is_empty();
-    if both {
-        AnsiTransactionManager::begin_transaction(&mut *conn).await.map_err(classify)?;
-    }
-    let result = async {
-        let claimed: HashSet<Uuid> = if client_events.is_empty() {
-            HashSet::new()
-        } else {
-            Prepared::new(CLAIM_AND_COUNT, vec![Bind::Uuids(&client_events)])
-                .load::<Claimed>(&mut conn)
-                .await?
-                .into_iter()
-                .map(|row| row.id)
-                .collect()
-        };
-        if !deleted_users.is_empty() {
-            Prepared::new("DELETE FROM user_event_stats WHERE user_id = ANY($1)", vec![Bind::Uuids(&deleted_users)])
-                .execute(&mut conn)
-                .await?;
-        }
-        if both {
-            AnsiTransactionManager::commit_transaction(&mut *conn).await?;
-        }
-        Ok(claimed)
-    }
-    .await;
-    let claimed = match result {
-        Ok(claimed) => claimed,
-        Err(err) => {
-            if both {
-                // A failed rollback leaves the connection marked broken; the pool then discards it.
-                let _ = AnsiTransactionManager::rollback_transaction(&mut *conn).await;
-            }
-            return Err(classify(err));
-        }
-    };
+    let claimed = pool
+        .run(|conn| {
+            Box::pin(async move {
+                // Two statements are one transaction (one alone is atomic anyway, and deletions are rare).
+                let both = !client_events.is_empty() && !deleted_users.is_empty();
+                if both {
+                    AnsiTransactionManager::begin_transaction(conn).await.map_err(classify)?;
+                }
+                let result = async {
+                    let claimed: HashSet<Uuid> = if client_events.is_empty() {
+                        HashSet::new()
+                    } else {
+                        Prepared::new(CLAIM_AND_COUNT, vec![Bind::Uuids(&client_events)])
+                            .load::<Claimed>(conn)
+                            .await?
+                            .into_iter()
+                            .map(|row| row.id)
+                            .collect()
+                    };
+                    if !deleted_users.is_empty() {
+                        Prepared::new(
+                            "DELETE FROM user_event_stats WHERE user_id = ANY($1)",
+                            vec![Bind::Uuids(&deleted_users)],
+                        )
+                        .execute(conn)
+                        .await?;
+                    }
+                    if both {
+                        AnsiTransactionManager::commit_transaction(conn).await?;
+                    }
+                    Ok(claimed)
+                }
+                .await;
+                if result.is_err() && both {
+                    // A failed rollback leaves the connection marked broken; the pool then discards it.
+                    let _ = AnsiTransactionManager::rollback_transaction(conn).await;
+                }
+                result.map_err(classify)
+            })
+        })
+        .await?;
     Ok(events
         .iter()
         .map(|event| {
@@ -128,15 +131,25 @@ pub async fn apply(pool: &DbPool, events: &[&EventMessage]) -> Result<Vec<Applie
 
 /// Marks a dead-lettered client event `failed` (no-op for lifecycle events and processed ones).
 pub async fn mark_failed(pool: &DbPool, event_id: Uuid) -> Result<(), EffectError> {
-    let mut conn = pool.get().await.map_err(|err| EffectError::Unavailable(err.to_string()))?;
-    Prepared::new(
-        "UPDATE events SET status = 'failed' WHERE id = $1 AND status = 'pending'",
-        vec![Bind::Uuid(event_id)],
-    )
-    .execute(&mut conn)
+    pool.run(|conn| {
+        Box::pin(async move {
+            Prepared::new(
+                "UPDATE events SET status = 'failed' WHERE id = $1 AND status = 'pending'",
+                vec![Bind::Uuid(event_id)],
+            )
+            .execute(conn)
+            .await
+            .map_err(classify)?;
+            Ok(())
+        })
+    })
     .await
-    .map_err(classify)?;
-    Ok(())
+}
+
+impl From<common::pool::Unavailable> for EffectError {
+    fn from(err: common::pool::Unavailable) -> Self {
+        EffectError::Unavailable(err.to_string())
+    }
 }
 
 fn classify(err: DieselError) -> EffectError {

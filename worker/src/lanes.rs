@@ -26,6 +26,22 @@ pub struct Job {
     pub received: DateTime<Utc>,
 }
 
+impl Job {
+    /// The memory this job holds, counted against `WORKER_MAX_IN_FLIGHT_BYTES`: the message's payload,
+    /// key, headers and topic name (its copies out of librdkafka's buffers) and the job itself.
+    pub fn bytes(&self) -> usize {
+        let message = &self.message;
+        let headers = message.headers().map_or(0, |headers| {
+            headers.iter().map(|header| header.key.len() + header.value.map_or(0, <[u8]>::len)).sum()
+        });
+        size_of::<Self>()
+            + message.payload().map_or(0, <[u8]>::len)
+            + message.key().map_or(0, <[u8]>::len)
+            + headers
+            + message.topic().len()
+    }
+}
+
 /// A finished message: its effects are durable (or it was dead-lettered), so its offset may be stored.
 pub struct Done {
     /// Partition.
@@ -34,6 +50,8 @@ pub struct Done {
     pub offset: i64,
     /// Generation it was started in.
     pub generation: u64,
+    /// What it held ([`Job::bytes`]); the lane lets go of it now.
+    pub bytes: usize,
 }
 
 /// What every lane needs.
@@ -69,7 +87,7 @@ pub async fn run_lane(context: LaneContext, mut jobs: mpsc::UnboundedReceiver<Jo
         let finished = handle_batch(&context, &batch).await;
         for job in &batch[..finished] {
             let (partition, offset) = (job.message.partition(), job.message.offset());
-            let _ = done.send(Done { partition, offset, generation: job.generation });
+            let _ = done.send(Done { partition, offset, generation: job.generation, bytes: job.bytes() });
         }
         batch.clear();
     }

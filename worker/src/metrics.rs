@@ -21,6 +21,8 @@ pub struct WorkerMetrics {
     pub age: HistogramVec,
     /// Messages received and not yet finished.
     pub in_flight: IntGauge,
+    /// Bytes the lanes hold of those messages (see [`crate::lanes::Job::bytes`]).
+    pub in_flight_bytes: IntGauge,
     /// Per partition: the broker's end offset minus the group's committed offset.
     pub lag: IntGaugeVec,
 }
@@ -42,6 +44,7 @@ impl WorkerMetrics {
                 AGE_BUCKETS,
             ),
             in_flight: r.gauge("worker_events_in_flight", "Messages received and not yet finished"),
+            in_flight_bytes: r.gauge("worker_events_in_flight_bytes", "Bytes of the messages in flight"),
             lag: r.gauge_vec("kafka_consumer_lag", "End offset minus committed offset, per partition", &["partition"]),
             registry,
         }

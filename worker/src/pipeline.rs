@@ -1,5 +1,6 @@
 //! The consumer loop: fetch, hand each message to its lane, store offsets as work finishes, pause
-//! fetching while too much is in flight, and drain + commit at shutdown.
+//! fetching while too much is in flight (`WORKER_MAX_IN_FLIGHT` messages or
+//! `WORKER_MAX_IN_FLIGHT_BYTES` bytes), and drain + commit at shutdown.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
@@ -88,7 +89,10 @@ impl Pipeline {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let topic = self.config.kafka.topic.clone();
         let lane_count = self.config.worker.concurrency.get() as usize;
-        let max_in_flight = self.config.worker.max_in_flight.get() as usize;
+        let limit = Load {
+            messages: self.config.worker.max_in_flight.get() as usize,
+            bytes: self.config.worker.max_in_flight_bytes.get(),
+        };
         let (done_sender, mut done) = mpsc::unbounded_channel::<Done>();
         let mut lanes = Vec::with_capacity(lane_count);
         let mut lane_tasks = Vec::with_capacity(lane_count);
@@ -100,10 +104,16 @@ impl Pipeline {
         drop(done_sender);
 
         let mut tracker = OffsetTracker::default();
+        // Bytes of the jobs the lanes hold. Unlike the tracker's count it is not reset when partitions
+        // are revoked: the lanes still hold (and finish) a revoked partition's messages, so it falls
+        // only when one is done.
+        let mut held_bytes = 0_usize;
         let mut paused = false;
         let mut lag_interval = tokio::time::interval(LAG_SAMPLE_PERIOD);
         loop {
             self.metrics.in_flight.set(tracker.in_flight() as i64);
+            self.metrics.in_flight_bytes.set(i64::try_from(held_bytes).unwrap_or(i64::MAX));
+            let load = |tracker: &OffsetTracker, bytes| Load { messages: tracker.in_flight(), bytes };
             tokio::select! {
                 biased;
                 _ = stop.changed() => break,
@@ -116,11 +126,12 @@ impl Pipeline {
                     // librdkafka keeps a partition's pause flag through revocation and reassignment, and
                     // does not pause newly assigned ones: restate it for the whole assignment, or a
                     // partition paused before it moved away and back is never fetched again.
-                    self.apply_backpressure(&mut paused, tracker.in_flight(), max_in_flight, true);
+                    self.apply_backpressure(&mut paused, load(&tracker, held_bytes), limit, true);
                 }
                 Some(finished) = done.recv() => {
+                    held_bytes = held_bytes.saturating_sub(finished.bytes);
                     self.finish(&mut tracker, &topic, finished);
-                    self.apply_backpressure(&mut paused, tracker.in_flight(), max_in_flight, false);
+                    self.apply_backpressure(&mut paused, load(&tracker, held_bytes), limit, false);
                 }
                 received = self.consumer.recv() => match received {
                     Ok(message) => {
@@ -130,9 +141,11 @@ impl Pipeline {
                         tracker.started(partition, message.offset());
                         let generation = tracker.generation(partition);
                         let lane = lane_of(message.key(), partition, lane_count);
-                        // The lane channel is unbounded, but fetching pauses below at WORKER_MAX_IN_FLIGHT.
-                        let _ = lanes[lane].send(Job { message, generation, received: chrono::Utc::now() });
-                        self.apply_backpressure(&mut paused, tracker.in_flight(), max_in_flight, false);
+                        let job = Job { message, generation, received: chrono::Utc::now() };
+                        held_bytes += job.bytes();
+                        // The lane channel is unbounded, but fetching pauses below at the limits.
+                        let _ = lanes[lane].send(job);
+                        self.apply_backpressure(&mut paused, load(&tracker, held_bytes), limit, false);
                     }
                     Err(err) => {
                         tracing::warn!(error = %err, "Kafka consume error");
@@ -202,28 +215,50 @@ impl Pipeline {
         }
     }
 
-    /// Pauses fetching once `in_flight` reaches the limit and resumes it at half the limit (so it does
-    /// not flap at the boundary); with `restate`, tells librdkafka the state even if it is unchanged.
-    fn apply_backpressure(&self, paused: &mut bool, in_flight: usize, limit: usize, restate: bool) {
-        let pause = if *paused { in_flight > limit / 2 } else { in_flight >= limit };
-        if (restate || pause != *paused) && self.set_paused(pause) {
+    /// Pauses fetching once `load` reaches either limit and resumes it when both are back at half
+    /// (so it does not flap at the boundary); with `restate`, tells librdkafka the state even if it
+    /// is unchanged.
+    fn apply_backpressure(&self, paused: &mut bool, load: Load, limit: Load, restate: bool) {
+        let pause = load.keeps_paused(*paused, limit);
+        if (restate || pause != *paused) && self.set_paused(pause, load) {
             *paused = pause;
         }
     }
 
     /// Pauses or resumes fetching on every assigned partition; returns whether it took effect.
-    fn set_paused(&self, pause: bool) -> bool {
+    fn set_paused(&self, pause: bool, load: Load) -> bool {
         let Ok(assignment) = self.consumer.assignment() else { return false };
         let result = if pause { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
         match result {
             Ok(()) => {
-                tracing::debug!(pause, "backpressure");
+                tracing::debug!(pause, in_flight = load.messages, in_flight_bytes = load.bytes, "backpressure");
                 true
             }
             Err(err) => {
                 tracing::warn!(error = %err, pause, "could not change fetching");
                 false
             }
+        }
+    }
+}
+
+/// What the lanes hold, or may hold before fetching pauses.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    /// Messages in flight (`WORKER_MAX_IN_FLIGHT`).
+    messages: usize,
+    /// Their bytes ([`Job::bytes`], `WORKER_MAX_IN_FLIGHT_BYTES`).
+    bytes: usize,
+}
+
+impl Load {
+    /// Whether fetching should be paused at this load: from the moment either limit is reached
+    /// until both are back at half of it.
+    fn keeps_paused(self, paused: bool, limit: Self) -> bool {
+        if paused {
+            self.messages > limit.messages / 2 || self.bytes > limit.bytes / 2
+        } else {
+            self.messages >= limit.messages || self.bytes >= limit.bytes
         }
     }
 }
@@ -246,6 +281,18 @@ fn lane_of(key: Option<&[u8]>, partition: i32, lanes: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fetching_pauses_at_either_limit_and_resumes_when_both_are_at_half() {
+        let limit = Load { messages: 100, bytes: 1000 };
+        let at = |messages, bytes| Load { messages, bytes };
+        assert!(!at(99, 999).keeps_paused(false, limit));
+        assert!(at(100, 0).keeps_paused(false, limit), "the message limit alone");
+        assert!(at(1, 1000).keeps_paused(false, limit), "the byte limit alone");
+        assert!(at(50, 501).keeps_paused(true, limit), "bytes still above half");
+        assert!(at(51, 500).keeps_paused(true, limit), "messages still above half");
+        assert!(!at(50, 500).keeps_paused(true, limit));
+    }
 
     #[test]
     fn a_key_always_maps_to_the_same_lane() {

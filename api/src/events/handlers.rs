@@ -48,8 +48,11 @@ pub async fn create(
 
 /// `GET /api/v1/events/{id}`
 pub async fn get(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
-    let mut conn = state.db.get().await?;
-    let row = repo::find(&mut conn, id).await?.ok_or(ApiError::NotFound("event"))?;
+    let row = state
+        .db
+        .run(|conn| Box::pin(async move { Ok::<_, ApiError>(repo::find(conn, id).await?) }))
+        .await?
+        .ok_or(ApiError::NotFound("event"))?;
     Ok(response::json(StatusCode::OK, &to_wire(row)?))
 }
 
@@ -57,9 +60,8 @@ pub async fn get(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
 pub async fn list(state: &AppState, query: Option<&str>) -> Result<HttpResponse, ApiError> {
     let page = Pagination::from_query(query)?;
     let filter = filter_from_query(query)?;
-    let mut conn = state.db.get().await?;
-    let (rows, total) = repo::list(&mut conn, &filter, page).await?;
-    drop(conn);
+    let (rows, total) =
+        state.db.run(|conn| Box::pin(async move { Ok::<_, ApiError>(repo::list(conn, &filter, page).await?) })).await?;
     let (rows, next_cursor) = pages::split(rows, page, |row| Cursor { created_at: row.created_at, id: row.id });
     let events = rows.into_iter().map(to_wire).collect::<Result<Vec<_>, _>>()?;
     Ok(response::json(
@@ -70,11 +72,17 @@ pub async fn list(state: &AppState, query: Option<&str>) -> Result<HttpResponse,
 
 /// `GET /api/v1/users/{id}/stats`: what the worker has counted for the user.
 pub async fn stats(state: &AppState, user_id: Uuid) -> Result<HttpResponse, ApiError> {
-    let mut conn = state.db.get().await?;
-    if !repo::user_exists(&mut conn, user_id).await? {
-        return Err(ApiError::NotFound("user"));
-    }
-    let rows = repo::stats(&mut conn, user_id).await?;
+    let rows = state
+        .db
+        .run(|conn| {
+            Box::pin(async move {
+                if !repo::user_exists(conn, user_id).await? {
+                    return Err(ApiError::NotFound("user"));
+                }
+                Ok(repo::stats(conn, user_id).await?)
+            })
+        })
+        .await?;
     let stats = UserStats {
         user_id,
         events_total: rows.iter().map(|row| row.count).sum(),

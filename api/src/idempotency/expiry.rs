@@ -54,9 +54,13 @@ pub async fn run(pool: DbPool, ttl: Duration, deleted_total: IntCounter, mut sto
 async fn delete_expired(pool: &DbPool, deleted_total: &IntCounter) -> anyhow::Result<usize> {
     let mut total = 0;
     loop {
-        let mut conn = pool.get().await?;
-        let deleted = Prepared::new(DELETE_EXPIRED, vec![Bind::Timestamp(Utc::now()), Bind::BigInt(BATCH_SIZE)])
-            .execute(&mut conn)
+        let deleted = pool
+            .run(|conn| {
+                Box::pin(async move {
+                    let binds = vec![Bind::Timestamp(Utc::now()), Bind::BigInt(BATCH_SIZE)];
+                    Ok::<_, anyhow::Error>(Prepared::new(DELETE_EXPIRED, binds).execute(conn).await?)
+                })
+            })
             .await?;
         total += deleted;
         deleted_total.inc_by(u64::try_from(deleted).unwrap_or(u64::MAX));

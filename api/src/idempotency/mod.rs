@@ -333,9 +333,9 @@ where
 /// The stored answer to this client and key, if one is committed and live: replayed when it answers
 /// this same request, 422 when it answers another. `None`: the request is to run.
 pub async fn replay(pool: &DbPool, request: &Idempotent) -> Result<Option<HttpResponse>, ApiError> {
-    let mut conn = pool.get().await?;
-    let row = store::find(&mut conn, &request.client, &request.key.0).await?;
-    drop(conn);
+    let (client, key) = (request.client.clone(), request.key.0.clone());
+    let row =
+        pool.run(|conn| Box::pin(async move { Ok::<_, ApiError>(store::find(conn, &client, &key).await?) })).await?;
     row.map(|row| answer_to(request, row)).transpose()
 }
 

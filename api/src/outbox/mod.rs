@@ -2,6 +2,7 @@
 //! the change that caused it; [`relay`] publishes the rows to Kafka after commit and deletes them once
 //! Kafka has acknowledged them.
 
+pub mod lease;
 pub mod relay;
 
 use common::db::models::{EventRow, NewOutboxRow, UserRow};

@@ -1,22 +1,26 @@
 //! Publishes outbox rows to Kafka, in `id` order, and deletes them once Kafka acknowledged them.
 //!
-//! One api replica at a time publishes: the one holding a PostgreSQL advisory lock on its own
-//! connection. That keeps one user's events in order on the topic even with many replicas, and a
-//! replica that dies releases the lock with its session, so another takes over within
-//! [`STANDBY_POLL`]. Writes on this replica wake the relay at once; rows written by other replicas
-//! are found within `OUTBOX_POLL_INTERVAL_MS`. Up to [`MAX_BATCHES_IN_FLIGHT`] batches await their
-//! acknowledgements at once, and rows committed meanwhile are sent while there is room, so Kafka's
-//! acknowledgement latency is not paid once per batch. When Kafka is slow or down the rows simply
-//! stay in the outbox and are retried with backoff; requests never wait for Kafka.
+//! One api replica at a time publishes: the one holding the publisher [`Lease`]. That keeps one
+//! user's events in order on the topic even with many replicas. A publisher that stops making
+//! progress for any reason loses the lease and another replica publishes within
+//! `OUTBOX_TAKEOVER_TIMEOUT`: killed, frozen or cut off, it stops renewing; stalled on Kafka (its
+//! oldest batch unacknowledged for a quarter of that time), it stops renewing on purpose, so that a
+//! replica that still reaches Kafka takes over. A graceful shutdown hands the lease over at once.
+//! Writes on this replica wake the relay at once; rows written by other replicas are found within
+//! `OUTBOX_POLL_INTERVAL_MS`. Up to [`MAX_BATCHES_IN_FLIGHT`] batches await their acknowledgements at
+//! once, and rows committed meanwhile are sent while there is room, so Kafka's acknowledgement
+//! latency is not paid once per batch. When Kafka is slow or down the rows simply stay in the outbox
+//! and are retried with backoff; requests never wait for Kafka.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use common::backoff::Backoff;
 use common::config::Config;
 use common::db::models::OutboxRow;
-use common::db::schema::outbox;
+use common::db::schema::{outbox, outbox_publisher};
 use common::kafka::headers;
 use common::postgres::Connector;
 use diesel::prelude::*;
@@ -25,12 +29,9 @@ use futures_util::future::{JoinAll, join_all};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
-/// Advisory lock key of the publishing replica (distinct from the migration lock).
-const LEADER_LOCK_KEY: i64 = 0x0068_6c6d_736f_7574;
-
-/// How often a standby replica tries to become the publisher.
-const STANDBY_POLL: Duration = Duration::from_secs(1);
+use super::lease::{Lease, Timings};
 
 /// Batches that may await their acknowledgements at once (beyond, new rows wait for the oldest).
 /// Kafka acknowledges a batch in tens of milliseconds (acks=all); waiting for each before sending the
@@ -54,9 +55,9 @@ impl OutboxSignal {
 
 /// The relay task's inputs.
 pub struct Relay {
-    /// Kafka producer; replaced after a failed batch (see [`Relay::run`]).
+    /// Kafka producer; replaced after a failed batch and when this replica stops publishing.
     pub producer: FutureProducer,
-    /// Opens the leader's own session (its advisory lock lives as long as that session).
+    /// Opens the relay's own session (so that a saturated pool never delays a renewal).
     pub connector: Connector,
     /// Configuration.
     pub config: Config,
@@ -66,70 +67,72 @@ pub struct Relay {
     pub metrics: Arc<crate::metrics::ApiMetrics>,
 }
 
+/// Why a replica stopped publishing.
+enum Ended {
+    /// Shutdown: the lease was handed over.
+    Stopped,
+    /// Another replica took the lease (this one was frozen, cut off or slow).
+    Lost,
+    /// Kafka acknowledged nothing for too long; the lease was left to run out.
+    Stalled,
+}
+
 impl Relay {
     /// Runs until `stop` turns true; finishes the batches in flight (bounded by `SHUTDOWN_TIMEOUT`),
-    /// then flushes the producer.
+    /// hands the lease over, then flushes the producer.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut leader: Option<AsyncPgConnection> = None;
-        let mut in_flight: VecDeque<Batch> = VecDeque::new();
+        let timings = Timings::new(self.config.outbox.takeover_timeout);
+        let mut session: Option<AsyncPgConnection> = None;
+        // The epoch this replica held last: after a lost session it may take the lease back at once.
+        let mut last_epoch: Option<i64> = None;
         let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
         while !stopped(&stop) {
-            let Some(conn) = leader.as_mut() else {
-                leader = self.try_become_leader().await;
-                if leader.is_none() {
-                    wait(&mut stop, STANDBY_POLL, None).await;
-                }
-                continue;
-            };
-            if let Err(err) = self.send_more(conn, &mut in_flight).await {
-                tracing::warn!(error = %err, "outbox relay lost its database connection; re-electing");
-                (leader, in_flight) = (None, VecDeque::new());
-                wait(&mut stop, backoff.next_delay(), None).await;
-                continue;
-            }
-            let room = in_flight.len() < MAX_BATCHES_IN_FLIGHT;
-            let Some(oldest) = in_flight.front_mut() else {
-                backoff.reset();
-                wait(&mut stop, self.config.outbox.poll_interval, Some(&self.signal)).await;
-                continue;
-            };
-            // Rows committed while batches await their acknowledgements go out at once (while there
-            // is room for another batch) instead of queueing behind the oldest one's acknowledgement.
-            let results = tokio::select! {
-                results = &mut oldest.deliveries => results,
-                () = self.signal.0.notified(), if room => continue,
-                _ = stop.changed() => continue,
-            };
-            let batch = in_flight.pop_front().expect("the oldest batch is in flight");
-            match self.record(conn, &batch.ids, &results).await {
-                Ok(()) => backoff.reset(),
-                Err(BatchError::Database(err)) => {
-                    tracing::warn!(error = %err, "outbox relay lost its database connection; re-electing");
-                    (leader, in_flight) = (None, VecDeque::new());
-                    wait(&mut stop, backoff.next_delay(), None).await;
-                }
-                Err(BatchError::Kafka(failed)) => {
-                    tracing::warn!(
-                        messages.failed = failed,
-                        "Kafka did not acknowledge every outbox message; will retry"
-                    );
-                    // Everything still in flight is sent again from the outbox (the worker
-                    // deduplicates). A producer that gave messages up (KAFKA_MESSAGE_TIMEOUT_MS) or hit
-                    // a fatal error may stay unusable; a fresh one is always accepted.
-                    in_flight.clear();
-                    match common::kafka::producer_config(&self.config.kafka).create() {
-                        Ok(producer) => self.producer = producer,
-                        Err(err) => tracing::error!(error = %err, "could not recreate the Kafka producer"),
+            let conn = match session.as_mut() {
+                Some(conn) => conn,
+                // The connector bounds the connect and logs a failure itself.
+                None => match self.connector.connect().await {
+                    Ok(conn) => session.insert(conn),
+                    Err(_) => {
+                        wait(&mut stop, backoff.next_delay()).await;
+                        continue;
                     }
-                    wait(&mut stop, backoff.next_delay(), None).await;
+                },
+            };
+            let outcome = match bounded(timings, Lease::acquire(conn, timings, last_epoch)).await {
+                Ok(Some(lease)) => {
+                    last_epoch = Some(lease.epoch());
+                    tracing::info!(epoch = lease.epoch(), "this replica now publishes the outbox");
+                    self.metrics.outbox_publishing.set(1);
+                    let ended = self.publish(conn, lease, &mut stop).await;
+                    self.metrics.outbox_publishing.set(0);
+                    ended.map(Some)
                 }
-            }
-        }
-        // Acknowledged rows are deleted; the others stay in the outbox for whoever publishes next.
-        if let Some(conn) = leader.as_mut() {
-            while let Some(batch) = in_flight.pop_front() {
-                if self.finish(conn, batch, &stop).await.is_err() {
-                    break;
+                Ok(None) => Ok(None),
+                Err(err) => Err(err),
+            };
+            match outcome {
+                Ok(None) => wait(&mut stop, timings.renew_every).await,
+                Ok(Some(Ended::Stopped)) => {}
+                Ok(Some(ended @ (Ended::Lost | Ended::Stalled))) => {
+                    // Whatever this replica still had queued was sent under a lease it no longer
+                    // holds; the new publisher sends those rows again.
+                    self.replace_producer();
+                    last_epoch = None;
+                    backoff.reset();
+                    if matches!(ended, Ended::Stalled) {
+                        tracing::warn!(
+                            "Kafka acknowledged nothing for too long; leaving the outbox to another replica"
+                        );
+                        // Standbys try every `renew_every`: give them the first chance.
+                        wait(&mut stop, timings.duration).await;
+                    } else {
+                        tracing::warn!("another replica took over publishing the outbox");
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %format!("{err:#}"), "outbox relay lost its database session; reconnecting");
+                    session = None;
+                    wait(&mut stop, backoff.next_delay()).await;
                 }
             }
         }
@@ -139,41 +142,118 @@ impl Relay {
         tracing::info!("outbox relay stopped");
     }
 
-    async fn try_become_leader(&self) -> Option<AsyncPgConnection> {
-        // The connector logs a failure itself.
-        let mut conn = self.connector.connect().await.ok()?;
-        let acquired = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(&format!(
-            "pg_try_advisory_lock({LEADER_LOCK_KEY})"
-        )))
-        .get_result::<bool>(&mut conn)
-        .await;
-        match acquired {
-            Ok(true) => {
-                tracing::info!("this replica now publishes the outbox");
-                Some(conn)
+    /// Publishes while this replica holds `lease`: sends batches, deletes what Kafka acknowledged,
+    /// renews the lease while it makes progress. Returns when the lease is lost or given up; an error
+    /// means the session is unusable (or a statement outlived its deadline).
+    async fn publish(
+        &mut self,
+        conn: &mut AsyncPgConnection,
+        mut lease: Lease,
+        stop: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<Ended> {
+        let timings = Timings::new(self.config.outbox.takeover_timeout);
+        let mut in_flight: VecDeque<Batch> = VecDeque::new();
+        let mut kafka_backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
+        let mut resume_sending = Instant::now();
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            let stopping = stopped(stop);
+            if stopping {
+                // Acknowledged rows are deleted; the others stay in the outbox for whoever publishes next.
+                let until = *drain_until.get_or_insert(now + self.config.server.shutdown_timeout);
+                if in_flight.is_empty() || now >= until {
+                    bounded(timings, lease.release(conn)).await?;
+                    return Ok(Ended::Stopped);
+                }
             }
-            Ok(false) => None,
-            Err(err) => {
-                tracing::warn!(error = %err, "outbox relay could not take the publisher lock");
-                None
+            let stalled = in_flight.front().is_some_and(|batch| now - batch.sent_at > timings.duration / 2);
+            if stalled && now >= lease.valid_until() {
+                return Ok(Ended::Stalled);
+            }
+            if !stalled && now >= lease.renewal_due() && !bounded(timings, lease.renew(conn)).await? {
+                return Ok(Ended::Lost);
+            }
+            if !stopping && now >= resume_sending {
+                bounded(timings, self.send_more(conn, &lease, &mut in_flight)).await?;
+            }
+
+            let now = Instant::now();
+            let mut wake = if stalled { lease.valid_until() } else { lease.renewal_due() };
+            if in_flight.is_empty() {
+                wake = wake.min(now + self.config.outbox.poll_interval);
+            }
+            if resume_sending > now {
+                wake = wake.min(resume_sending);
+            }
+            if let Some(until) = drain_until {
+                wake = wake.min(until);
+            }
+            // Rows committed while batches await their acknowledgements go out at once (while there
+            // is room for another batch) instead of queueing behind the oldest one's acknowledgement.
+            let can_send = !stopping && in_flight.len() < MAX_BATCHES_IN_FLIGHT && now >= resume_sending;
+            let oldest_acknowledged = async {
+                match in_flight.front_mut() {
+                    Some(oldest) => (&mut oldest.deliveries).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let results = tokio::select! {
+                results = oldest_acknowledged => results,
+                () = self.signal.0.notified(), if can_send => continue,
+                _ = stop.changed(), if !stopping => continue,
+                () = tokio::time::sleep_until(wake) => continue,
+            };
+            let batch = in_flight.pop_front().expect("the oldest batch is in flight");
+            match bounded(timings, self.record(conn, &batch.ids, &results)).await? {
+                Ok(()) => kafka_backoff.reset(),
+                Err(failed) => {
+                    tracing::warn!(
+                        messages.failed = failed,
+                        "Kafka did not acknowledge every outbox message; will retry"
+                    );
+                    // Everything still in flight is sent again from the outbox (the worker
+                    // deduplicates).
+                    in_flight.clear();
+                    self.replace_producer();
+                    resume_sending = Instant::now() + kafka_backoff.next_delay();
+                }
             }
         }
     }
 
+    /// A producer that gave messages up (KAFKA_MESSAGE_TIMEOUT_MS) or hit a fatal error may stay
+    /// unusable, and one holding messages sent under a lost lease would still deliver them; a fresh
+    /// one is always accepted.
+    fn replace_producer(&mut self) {
+        match common::kafka::producer_config(&self.config.kafka).create() {
+            Ok(producer) => self.producer = producer,
+            Err(err) => tracing::error!(error = %err, "could not recreate the Kafka producer"),
+        }
+    }
+
     /// Sends the oldest rows not already in flight, a batch at a time, until
-    /// [`MAX_BATCHES_IN_FLIGHT`] batches await their acknowledgements or nothing is left.
-    async fn send_more(&self, conn: &mut AsyncPgConnection, in_flight: &mut VecDeque<Batch>) -> QueryResult<()> {
+    /// [`MAX_BATCHES_IN_FLIGHT`] batches await their acknowledgements or nothing is left. Rows are read
+    /// only while `lease`'s epoch is current, and handed to the producer only while it is valid here.
+    async fn send_more(
+        &self,
+        conn: &mut AsyncPgConnection,
+        lease: &Lease,
+        in_flight: &mut VecDeque<Batch>,
+    ) -> QueryResult<()> {
         while in_flight.len() < MAX_BATCHES_IN_FLIGHT {
             let sent: Vec<i64> = in_flight.iter().flat_map(|batch| batch.ids.iter().copied()).collect();
+            let still_ours = outbox_publisher::table.filter(outbox_publisher::epoch.eq(lease.epoch()));
             // Not "id > the last sent": a transaction that took a lower id may commit later.
             let rows: Vec<OutboxRow> = outbox::table
                 .select(OutboxRow::as_select())
                 .filter(outbox::id.ne_all(&sent))
+                .filter(diesel::dsl::exists(still_ours))
                 .order(outbox::id)
                 .limit(i64::from(self.config.outbox.batch_size.get()))
                 .load(conn)
                 .await?;
-            if rows.is_empty() {
+            if rows.is_empty() || Instant::now() >= lease.valid_until() {
                 break;
             }
             let batch = self.send(&rows);
@@ -212,47 +292,22 @@ impl Relay {
                 }
             }
         }
-        Batch { ids, deliveries: join_all(deliveries) }
+        Batch { ids, deliveries: join_all(deliveries), sent_at: Instant::now() }
     }
 
-    /// Waits for a batch's acknowledgements (once shutdown begins, for at most `SHUTDOWN_TIMEOUT`)
-    /// and deletes the rows Kafka acknowledged.
-    async fn finish(
-        &self,
-        conn: &mut AsyncPgConnection,
-        batch: Batch,
-        stop: &watch::Receiver<bool>,
-    ) -> Result<(), BatchError> {
-        let Batch { ids, deliveries } = batch;
-        let mut deliveries = std::pin::pin!(deliveries);
-        let mut stop = stop.clone();
-        let results = tokio::select! {
-            results = &mut deliveries => results,
-            () = async { let _ = stop.wait_for(|stopped| *stopped).await; } => {
-                match tokio::time::timeout(self.config.server.shutdown_timeout, &mut deliveries).await {
-                    Ok(results) => results,
-                    Err(_) => return Err(BatchError::Kafka(ids.len())),
-                }
-            }
-        };
-        self.record(conn, &ids, &results).await
-    }
-
-    /// Deletes the rows of a batch that Kafka acknowledged and counts the outcome.
+    /// Deletes the rows of a batch that Kafka acknowledged and counts the outcome: `Err(n)` when `n`
+    /// messages were not acknowledged.
     async fn record(
         &self,
         conn: &mut AsyncPgConnection,
         ids: &[i64],
         results: &[<DeliveryFuture as Future>::Output],
-    ) -> Result<(), BatchError> {
+    ) -> QueryResult<Result<(), usize>> {
         let queued = ids.len();
         let delivered: Vec<i64> =
             ids.iter().zip(results).filter(|(_, result)| matches!(result, Ok(Ok(_)))).map(|(id, _)| *id).collect();
         if !delivered.is_empty() {
-            diesel::delete(outbox::table.filter(outbox::id.eq_any(&delivered)))
-                .execute(conn)
-                .await
-                .map_err(BatchError::Database)?;
+            diesel::delete(outbox::table.filter(outbox::id.eq_any(&delivered))).execute(conn).await?;
         }
         if let Some(Ok(Err((err, _)))) = results.iter().find(|result| matches!(result, Ok(Err(_)))) {
             tracing::warn!(error = %err, fatal = ?self.producer.client().fatal_error(), "first delivery failure");
@@ -260,10 +315,10 @@ impl Relay {
         self.metrics.outbox_published.inc_by(delivered.len() as u64);
         self.metrics.outbox_failed.inc_by((queued - delivered.len()) as u64);
         tracing::debug!(messages.delivered = delivered.len(), "outbox batch published");
-        match queued - delivered.len() {
+        Ok(match queued - delivered.len() {
             0 => Ok(()),
-            failed => Err(BatchError::Kafka(failed)),
-        }
+            failed => Err(failed),
+        })
     }
 }
 
@@ -271,28 +326,30 @@ impl Relay {
 struct Batch {
     ids: Vec<i64>,
     deliveries: JoinAll<DeliveryFuture>,
+    sent_at: Instant,
 }
 
 fn stopped(stop: &watch::Receiver<bool>) -> bool {
     *stop.borrow()
 }
 
-enum BatchError {
-    Database(diesel::result::Error),
-    Kafka(usize),
+/// Every statement of the relay's session has a deadline of its own: a PostgreSQL that hangs or a
+/// route that drops packets silently must not hold the publisher (or a standby) for as long as TCP
+/// takes to give up. A lease outlives no statement that takes longer than the lease itself.
+async fn bounded<T, E>(timings: Timings, statement: impl Future<Output = Result<T, E>>) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    tokio::time::timeout(timings.duration, statement)
+        .await
+        .with_context(|| format!("no answer from PostgreSQL within {:?}", timings.duration))?
+        .map_err(anyhow::Error::from)
 }
 
-/// Sleeps `period`, or less if stopped or (when given) signalled.
-async fn wait(stop: &mut watch::Receiver<bool>, period: Duration, signal: Option<&OutboxSignal>) {
-    let signalled = async {
-        match signal {
-            Some(signal) => signal.0.notified().await,
-            None => std::future::pending().await,
-        }
-    };
+/// Sleeps `period`, or less if stopped.
+async fn wait(stop: &mut watch::Receiver<bool>, period: Duration) {
     tokio::select! {
         () = tokio::time::sleep(period) => {}
         _ = stop.changed() => {}
-        () = signalled => {}
     }
 }

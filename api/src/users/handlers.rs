@@ -56,9 +56,11 @@ pub async fn get(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
         Lookup::Miss => {}
     }
     let read_started = Instant::now();
-    let mut conn = state.db.get().await?;
-    let row = repo::find(&mut conn, id).await?.ok_or(ApiError::NotFound("user"))?;
-    drop(conn);
+    let row = state
+        .db
+        .run(|conn| Box::pin(async move { Ok::<_, ApiError>(repo::find(conn, id).await?) }))
+        .await?
+        .ok_or(ApiError::NotFound("user"))?;
     let (version, body) = serialize(row);
     // The response does not wait for the fill.
     let _ = state.cache.fill(id, version, body.clone(), read_started);
@@ -126,9 +128,8 @@ pub async fn delete(
 
 /// `GET /api/v1/users?page=&limit=` or `?cursor=&limit=`
 pub async fn list(state: &AppState, page: Pagination) -> Result<HttpResponse, ApiError> {
-    let conn = state.db.get().await?;
-    let (rows, total) = repo::list(&conn, page).await?;
-    drop(conn);
+    let (rows, total) =
+        state.db.run(|conn| Box::pin(async move { Ok::<_, ApiError>(repo::list(conn, page).await?) })).await?;
     let (rows, next_cursor) = pages::split(rows, page, |row| Cursor { created_at: row.created_at, id: row.id });
     let users = rows.into_iter().map(User::from).collect();
     let body = UserPage { items: Users { users }, total, page: page.page, limit: page.limit, next_cursor };

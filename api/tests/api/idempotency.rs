@@ -430,6 +430,8 @@ async fn an_api_killed_after_its_commit_leaves_the_answer_for_the_retry() {
     vars.insert("SERVER_PORT".into(), port.to_string());
     vars.insert("OUTBOX_POLL_INTERVAL_MS".into(), "50".into());
     vars.insert("LOG_LEVEL".into(), "warn".into());
+    // The killed api held the publisher's lease: the restarted one takes over once it lapses.
+    vars.insert("OUTBOX_TAKEOVER_TIMEOUT".into(), "2".into());
     let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
     common::kafka::ensure_topics(&config.kafka).await.unwrap();
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_api"));

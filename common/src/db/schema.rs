@@ -41,6 +41,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    outbox_publisher (singleton) {
+        singleton -> Bool,
+        epoch -> Int8,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     row_counts (table_name, shard) {
         table_name -> Text,
         shard -> Int4,
@@ -73,4 +81,12 @@ diesel::table! {
 diesel::joinable!(events -> users (user_id));
 diesel::joinable!(user_event_stats -> users (user_id));
 
-diesel::allow_tables_to_appear_in_same_query!(events, idempotency_keys, outbox, row_counts, user_event_stats, users);
+diesel::allow_tables_to_appear_in_same_query!(
+    events,
+    idempotency_keys,
+    outbox,
+    outbox_publisher,
+    row_counts,
+    user_event_stats,
+    users
+);

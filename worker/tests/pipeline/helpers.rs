@@ -148,6 +148,20 @@ impl Stack {
             .unwrap()
     }
 
+    /// Waits until the api process at `api` (`http://host:port`) answers its liveness probe.
+    pub async fn wait_live(&self, api: &str) {
+        testkit::eventually("the api process to listen", Duration::from_secs(30), || async {
+            self.client.get(format!("{api}/health/live")).send().await.ok().filter(|r| r.status() == 200)
+        })
+        .await;
+    }
+
+    /// A metric's value (the first sample whose line starts with `series`) from `base`'s `/metrics`.
+    pub async fn metric(&self, base: &str, series: &str) -> Option<f64> {
+        let text = self.client.get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()?;
+        text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.api, path)
     }

@@ -7,8 +7,12 @@ mod chaos;
 mod delivery;
 mod effects;
 mod faults;
+mod frozen;
 mod group;
 mod helpers;
 mod lifecycle;
+mod memory;
 mod outages;
+mod partitions;
+
 mod transport;

@@ -8,13 +8,6 @@ use serde_json::{Value, json};
 
 use crate::helpers::{Stack, postgres_proxy};
 
-async fn wait_live(stack: &Stack, api: &str) {
-    testkit::eventually("the api process to listen", Duration::from_secs(30), || async {
-        stack.client.get(format!("{api}/health/live")).send().await.ok().filter(|r| r.status() == 200)
-    })
-    .await;
-}
-
 async fn post_events(stack: &Stack, api: &str, user: &str, count: usize) -> usize {
     let mut acknowledged = 0;
     for n in 0..count {
@@ -108,7 +101,7 @@ async fn an_api_killed_with_unpublished_outbox_rows_loses_none_of_them() {
     let port = testkit::closed_port().to_string();
     let api = format!("http://127.0.0.1:{port}");
     let mut process = stack.spawn_binary("api", &[("SERVER_PORT", &port), ("RUN_MIGRATIONS", "false")]);
-    wait_live(&stack, &api).await;
+    stack.wait_live(&api).await;
 
     stack.broker.proxy.cut();
     let mut users = Vec::new();
@@ -128,7 +121,7 @@ async fn an_api_killed_with_unpublished_outbox_rows_loses_none_of_them() {
 
     stack.broker.proxy.restore();
     let restarted = stack.spawn_binary("api", &[("SERVER_PORT", &port), ("RUN_MIGRATIONS", "false")]);
-    wait_live(&stack, &api).await;
+    stack.wait_live(&api).await;
     let worker = stack.start_worker().await;
     stack.wait_until_drained(Duration::from_secs(90)).await;
     for (user, count) in &expected {
@@ -186,5 +179,78 @@ async fn with_postgres_stopped_and_started_again_everything_recovers_by_itself()
     })
     .await;
     assert_eq!(stats["events_by_type"]["outage"], acknowledged as i64, "{stats}");
+    worker.stop().await;
+}
+
+/// PostgreSQL frozen (`SIGSTOP`: its sockets stay open, nothing answers, nothing is refused), the
+/// hang that no server-side timeout or TCP keepalive reports: requests get 503 + `Retry-After` within
+/// the client-side deadline (`DB_STATEMENT_TIMEOUT_MS` + 1 s) and never past `REQUEST_TIMEOUT`, the api
+/// is not ready, and once the server runs again everything recovers and every stored event is applied
+/// exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_postgres_frozen_requests_get_503_within_the_deadline_and_everything_recovers() {
+    let postgres = testkit::PrivatePostgres::start();
+    let port = postgres.port.to_string();
+    let stack = Stack::start(&[
+        ("DB_PORT", &port),
+        ("DB_NAME", "postgres"),
+        ("DB_POOL_TIMEOUT_MS", "1000"),
+        ("DB_CONNECT_TIMEOUT", "2"),
+        ("DB_STATEMENT_TIMEOUT_MS", "1000"),
+        ("REQUEST_TIMEOUT", "5"),
+    ])
+    .await;
+    let worker = stack.start_worker().await;
+    let user = stack.create_user().await;
+    let mut acknowledged = post_events(&stack, &stack.url(""), &user, 5).await;
+
+    postgres.freeze();
+    // Enough requests to meet every pooled connection (each then hung) and then an empty pool.
+    let mut slowest = Duration::ZERO;
+    for n in 0..12 {
+        let started = Instant::now();
+        let response = stack
+            .client
+            .post(stack.url("/api/v1/events"))
+            .json(&json!({"user_id": user, "type": "outage", "data": n}))
+            .send()
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        slowest = slowest.max(took);
+        assert_eq!(response.status(), 503, "request {n}");
+        assert!(response.headers().contains_key("retry-after"));
+        // The deadline is 2 s; the request timeout 5 s.
+        assert!(took < Duration::from_secs(4), "request {n} answered in {took:?}");
+    }
+    let ready = stack.client.get(stack.url("/health/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    eprintln!(
+        "PostgreSQL frozen: 12 writes answered 503, the slowest in {slowest:?} (deadline 2 s, REQUEST_TIMEOUT 5 s)"
+    );
+
+    postgres.thaw();
+    let thawed = Instant::now();
+    testkit::eventually("the api to be ready again", Duration::from_secs(30), || async {
+        let response = stack.client.get(stack.url("/health/ready")).send().await.ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    eprintln!("ready again {:?} after the thaw", thawed.elapsed());
+    acknowledged += post_events(&stack, &stack.url(""), &user, 5).await;
+    // A 503 is no promise that nothing was written: a statement the frozen server had already
+    // received runs when it thaws (the client gave up, the server never knew). So the check is that
+    // every stored event, at least every acknowledged one, is applied exactly once.
+    let stored =
+        stack.get(&format!("/api/v1/events?user_id={user}&type=outage&limit=100")).await["total"].as_i64().unwrap();
+    assert!(stored >= acknowledged as i64, "{stored} stored, {acknowledged} acknowledged");
+    let stats = testkit::eventually("every stored event applied", Duration::from_secs(60), || async {
+        let stats = stack.stats(&user).await;
+        (stats["events_by_type"]["outage"] == stored).then_some(stats)
+    })
+    .await;
+    eprintln!("{acknowledged} acknowledged, {stored} stored (written before a 503), all applied once");
+    // Applied once each: a double application would overshoot.
+    assert_eq!(stats["events_total"], stored, "{stats}");
     worker.stop().await;
 }
