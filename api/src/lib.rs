@@ -5,6 +5,7 @@
 //!   [`routes`]: the route table.
 //! - [`metrics`]: Prometheus metrics; [`users`]: the users resource; [`events`]: events and per-user stats; [`health`]: probes.
 //! - [`outbox`]: the transactional outbox and the relay that publishes it to Kafka.
+//! - [`idempotency`]: `Idempotency-Key` on writes: answers stored with the write, replayed, expired.
 //! - [`db`]: pool, migrations, database error mapping; [`cache`]: the Redis user cache;
 //!   [`redis_client`]: the one Redis connection the cache and the rate limiter share;
 //!   [`pages`]: what the list endpoints share (totals, cursors).
@@ -17,6 +18,7 @@ pub mod db;
 pub mod events;
 pub mod health;
 pub mod http;
+pub mod idempotency;
 pub mod metrics;
 pub mod outbox;
 pub mod pages;
@@ -108,11 +110,18 @@ impl App {
             signal: self.state.outbox_signal.clone(),
             metrics: self.state.metrics.clone(),
         };
+        let expiry = tokio::spawn(idempotency::expiry::run(
+            self.state.db.clone(),
+            self.state.config.idempotency_ttl,
+            self.state.metrics.idempotency_keys_expired.clone(),
+            relay_stopped.clone(),
+        ));
         let relay = tokio::spawn(relay.run(relay_stopped));
         server::serve(self.listener, self.state, shutdown).await;
         // Requests are drained: whatever they wrote to the outbox gets one last chance to be published.
         let _ = stop_relay.send(true);
         relay.await.context("outbox relay panicked")?;
+        expiry.await.context("idempotency expiry job panicked")?;
         tracing::info!("api stopped");
         Ok(())
     }

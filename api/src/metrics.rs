@@ -39,6 +39,10 @@ pub struct ApiMetrics {
     pub jwks_keys: IntGauge,
     /// Rate-limit decisions by decision (`allowed`, `limited`) and source (`shared`, `local`).
     pub rate_limit_decisions: IntCounterVec,
+    /// Writes sent with an `Idempotency-Key`, by outcome (see [`crate::idempotency::Outcome`]).
+    pub idempotent_requests: IntCounterVec,
+    /// Stored answers deleted by the expiry job.
+    pub idempotency_keys_expired: IntCounter,
     db_connections: IntGaugeVec,
     db_max_connections: IntGauge,
     db_waits: IntCounter,
@@ -107,6 +111,13 @@ impl ApiMetrics {
                 "Rate-limited requests by decision and by source (shared in Redis, or local while Redis is away)",
                 &["decision", "source"],
             ),
+            idempotent_requests: r.counter_vec(
+                "idempotent_requests_total",
+                "Writes sent with an Idempotency-Key, by outcome (stored, replayed, mismatch, in_use, failed)",
+                &["outcome"],
+            ),
+            idempotency_keys_expired: r
+                .counter("idempotency_keys_expired_total", "Stored idempotent answers deleted after IDEMPOTENCY_TTL"),
             db_connections: r.gauge_vec("db_pool_connections", "PostgreSQL pool connections by state", &["state"]),
             db_max_connections: r.gauge("db_pool_max_connections", "PostgreSQL pool size limit"),
             db_waits: r.counter("db_pool_waits_total", "Checkouts that had to wait for a connection"),

@@ -1,8 +1,10 @@
 //! One request, start to finish: request id, routing, the request deadline, the handler, the log line.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::{HeaderValue, Request};
 use hyper::body::Incoming;
 use tracing::Instrument;
@@ -10,10 +12,11 @@ use uuid::Uuid;
 
 use crate::events::handlers as events;
 use crate::health;
-use crate::http::body::read_json;
+use crate::http::body::{parse_json, read_body};
 use crate::http::error::ApiError;
 use crate::http::query::Pagination;
 use crate::http::response::HttpResponse;
+use crate::idempotency::{self, Idempotent};
 use crate::ratelimit::client_address::client_address;
 use crate::routes::{Endpoint, RouteMatch};
 use crate::state::AppState;
@@ -90,25 +93,25 @@ async fn dispatch(
     let (parts, body) = request.into_parts();
     // Routes without a scope (probes, metrics, the document) are neither authenticated nor limited.
     let Some(scope) = endpoint.scope() else {
-        return run(state, request_id, endpoint, id, parts, body).await;
+        return run(state, request_id, endpoint, id, None, parts, body).await;
     };
     let clients = &state.clients;
     let client = clients.auth.authenticate(&parts, scope, &state.metrics.auth_rejections).await?;
     if let Some(client) = &client {
         tracing::Span::current().record("client_id", &*client.id);
     }
+    // Who the caller is for its rate limit and its idempotency keys (SPEC §8, §10): the token's
+    // client, or with authentication off the client's address.
+    let identity: Arc<str> = match &client {
+        Some(client) => client.id.clone(),
+        None => client_address(peer, &parts.headers, &state.config.rate_limit.trusted_proxies).to_string().into(),
+    };
     let Some(limiter) = &clients.rate_limiter else {
-        return run(state, request_id, endpoint, id, parts, body).await;
+        return run(state, request_id, endpoint, id, Some(&identity), parts, body).await;
     };
-    let decision = match &client {
-        Some(client) => limiter.check(&client.id).await,
-        None => {
-            let address = client_address(peer, &parts.headers, &state.config.rate_limit.trusted_proxies);
-            limiter.check(&address.to_string()).await
-        }
-    };
+    let decision = limiter.check(&identity).await;
     let result = if decision.allowed {
-        run(state, request_id, endpoint, id, parts, body).await
+        run(state, request_id, endpoint, id, Some(&identity), parts, body).await
     } else {
         Err(ApiError::RateLimited(decision.retry_after_secs))
     };
@@ -117,12 +120,13 @@ async fn dispatch(
     Ok(response)
 }
 
-/// Runs the endpoint's handler.
+/// Runs the endpoint's handler; `caller` is the caller's identity on authenticated routes.
 async fn run(
     state: &AppState,
     request_id: &str,
     endpoint: Endpoint,
     id: Option<String>,
+    caller: Option<&str>,
     parts: http::request::Parts,
     body: Incoming,
 ) -> Result<HttpResponse, ApiError> {
@@ -133,20 +137,70 @@ async fn run(
         Endpoint::Metrics => Ok(health::metrics(state).await),
         Endpoint::OpenApi => Ok(crate::http::response::json_bytes(
             http::StatusCode::OK,
-            bytes::Bytes::from_static(crate::OPENAPI_DOCUMENT.as_bytes()),
+            Bytes::from_static(crate::OPENAPI_DOCUMENT.as_bytes()),
         )),
         Endpoint::ListUsers => users::list(state, Pagination::from_query(parts.uri.query())?).await,
-        Endpoint::CreateUser => users::create(state, request_id, read_json(&parts.headers, body).await?).await,
         Endpoint::GetUser => users::get(state, parse_id(id)?).await,
-        Endpoint::UpdateUser => {
-            let id = parse_id(id)?;
-            users::update(state, request_id, id, read_json(&parts.headers, body).await?).await
-        }
-        Endpoint::DeleteUser => users::delete(state, request_id, parse_id(id)?).await,
         Endpoint::UserStats => events::stats(state, parse_id(id)?).await,
         Endpoint::ListEvents => events::list(state, parts.uri.query()).await,
-        Endpoint::CreateEvent => events::create(state, request_id, read_json(&parts.headers, body).await?).await,
         Endpoint::GetEvent => events::get(state, parse_id(id)?).await,
+        Endpoint::CreateUser | Endpoint::UpdateUser | Endpoint::DeleteUser | Endpoint::CreateEvent => {
+            let caller = caller.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("a write route without a caller")))?;
+            write(state, request_id, endpoint, id, caller, parts, body).await
+        }
+    }
+}
+
+/// Runs a write: reads its body and its `Idempotency-Key` (SPEC §10), answers at once from a
+/// committed answer to the key, else runs the handler, which stores its answer with its write.
+async fn write(
+    state: &AppState,
+    request_id: &str,
+    endpoint: Endpoint,
+    id: Option<String>,
+    caller: &str,
+    parts: http::request::Parts,
+    body: Incoming,
+) -> Result<HttpResponse, ApiError> {
+    let key = idempotency::Key::from_headers(&parts.headers)?;
+    // DELETE has no body to read; one sent anyway is ignored, as without a key.
+    let body = if endpoint == Endpoint::DeleteUser { Bytes::new() } else { read_body(&parts.headers, body).await? };
+    let idempotent = key.map(|key| {
+        let (method, path) = (parts.method.as_str(), parts.uri.path());
+        Idempotent::new(caller.to_owned(), key, method, path, &body, state.config.idempotency_ttl)
+    });
+    let counted = idempotent.is_some();
+    let result = run_write(state, request_id, endpoint, id, &body, idempotent).await;
+    if counted {
+        let outcome = idempotency::Outcome::of(&result).as_str();
+        state.metrics.idempotent_requests.with_label_values(&[outcome]).inc();
+    }
+    result
+}
+
+/// [`write`] once the body is read: a committed answer to the key first, else the handler.
+async fn run_write(
+    state: &AppState,
+    request_id: &str,
+    endpoint: Endpoint,
+    id: Option<String>,
+    body: &[u8],
+    idempotent: Option<Idempotent>,
+) -> Result<HttpResponse, ApiError> {
+    if let Some(idempotent) = &idempotent
+        && let Some(replay) = idempotency::replay(&state.db, idempotent).await?
+    {
+        return Ok(replay);
+    }
+    match endpoint {
+        Endpoint::CreateUser => users::create(state, request_id, parse_json(body)?, idempotent).await,
+        Endpoint::UpdateUser => {
+            let id = parse_id(id)?;
+            users::update(state, request_id, id, parse_json(body)?, idempotent).await
+        }
+        Endpoint::DeleteUser => users::delete(state, request_id, parse_id(id)?, idempotent).await,
+        Endpoint::CreateEvent => events::create(state, request_id, parse_json(body)?, idempotent).await,
+        other => Err(ApiError::Internal(anyhow::anyhow!("{other:?} is not a write"))),
     }
 }
 

@@ -44,6 +44,8 @@
 //! - `EVENT_MAX_DATA_BYTES` [65536]: largest serialized `data` of an event (413 beyond).
 //! - `OUTBOX_BATCH_SIZE` [500], `OUTBOX_POLL_INTERVAL_MS` [100], `OUTBOX_TAKEOVER_TIMEOUT` [10]: the
 //!   api's outbox relay.
+//! - `IDEMPOTENCY_TTL` [86400]: how long the api keeps the answer to a write sent with an
+//!   `Idempotency-Key` (SPEC §10); 1 to 31536000 (a year).
 //! - `WORKER_HTTP_PORT` [8081], `WORKER_CONCURRENCY` [16], `WORKER_MAX_RETRIES` [5],
 //!   `WORKER_RETRY_BACKOFF_MS` [100], `WORKER_MAX_IN_FLIGHT` [4000]: the worker.
 //! - `WORKER_MAX_IN_FLIGHT_BYTES` [67108864 = 64 MiB]: bytes of messages in flight before the worker
@@ -93,6 +95,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// The api's outbox relay.
     pub outbox: OutboxConfig,
+    /// How long answers to requests with an `Idempotency-Key` are kept (SPEC §10).
+    pub idempotency_ttl: Duration,
     /// The worker.
     pub worker: WorkerConfig,
     /// The api's per-client rate limit.
@@ -170,6 +174,9 @@ impl KafkaConfig {
         format!("{}.dlq", self.topic)
     }
 }
+
+/// Longest `IDEMPOTENCY_TTL`: a year. Beyond, a key is as good as permanent and the table only grows.
+pub const MAX_IDEMPOTENCY_TTL_SECONDS: u64 = 365 * 24 * 3600;
 
 /// Events API limits.
 #[derive(Debug, Clone)]
@@ -449,6 +456,15 @@ impl Config {
                     }
                     timeout => timeout,
                 },
+            },
+            idempotency_ttl: match env.parse("IDEMPOTENCY_TTL", 86_400)? {
+                seconds @ 1..=MAX_IDEMPOTENCY_TTL_SECONDS => Duration::from_secs(seconds),
+                other => {
+                    return Err(env.invalid(
+                        "IDEMPOTENCY_TTL",
+                        format!("{other} is not between 1 and {MAX_IDEMPOTENCY_TTL_SECONDS} seconds"),
+                    ));
+                }
             },
             rate_limit: RateLimitConfig::from_env(&env)?,
             worker: WorkerConfig {
@@ -753,6 +769,7 @@ mod tests {
         assert_eq!(config.database.port, 5432);
         assert_eq!(config.redis.port, 6379);
         assert_eq!(config.redis.cache_ttl, Some(Duration::from_secs(300)));
+        assert_eq!(config.idempotency_ttl, Duration::from_secs(86_400));
         assert_eq!(config.log.format, LogFormat::Json);
         assert!(config.run_migrations);
         assert_eq!(config.worker.max_in_flight_bytes.get(), 64 * 1024 * 1024);
@@ -787,6 +804,9 @@ mod tests {
             ("RATE_LIMIT_BURST", "0"),
             ("RATE_LIMIT_RPS", "100001"),
             ("TRUSTED_PROXIES", "10.0.0.0/8, nonsense"),
+            ("IDEMPOTENCY_TTL", "0"),
+            ("IDEMPOTENCY_TTL", "1d"),
+            ("IDEMPOTENCY_TTL", "31536001"),
         ] {
             let err = config(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);

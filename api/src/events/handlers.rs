@@ -1,40 +1,49 @@
 //! Handlers of `/api/v1/events` and `/api/v1/users/{id}/stats`.
 
+use bytes::Bytes;
 use common::db::models::EventRow;
 use common::wire::{CreateEventRequest, Event, EventPage, Events, UserStats};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use http::{HeaderValue, StatusCode, header};
+use http::StatusCode;
 use uuid::Uuid;
 
 use super::repo::{self, EventFilter};
 use super::validate;
-use crate::db::detached;
 use crate::http::error::ApiError;
 use crate::http::query::{Cursor, Pagination};
 use crate::http::response::{self, HttpResponse};
+use crate::idempotency::{self, Answer, Idempotent, WithoutKey, Written};
 use crate::outbox;
 use crate::pages;
 use crate::state::AppState;
 
-/// `POST /api/v1/events`: the event and its outbox row in one statement.
-pub async fn create(state: &AppState, request_id: &str, request: CreateEventRequest) -> Result<HttpResponse, ApiError> {
+/// `POST /api/v1/events`: the event and its outbox row in one statement (with an
+/// `Idempotency-Key`, one transaction that also stores the answer).
+pub async fn create(
+    state: &AppState,
+    request_id: &str,
+    request: CreateEventRequest,
+    idempotent: Option<Idempotent>,
+) -> Result<HttpResponse, ApiError> {
     let event = validate::new_event(request, state.config.events.max_data_bytes)?;
     let row = repo::new_row(event);
     let message = outbox::client_event(&row, request_id)?;
-    let row = detached(&state.db, move |conn| {
+    let written = idempotency::write(&state.db, idempotent, WithoutKey::OneStatement, move |conn| {
         Box::pin(async move {
             repo::insert_with_message(conn, &row, &message).await.map_err(unknown_user)?;
-            Ok(row)
+            let location = format!("/api/v1/events/{}", row.id);
+            let body = serde_json::to_vec(&to_wire(row)?).expect("wire types always serialize");
+            Ok(((), Answer::created(location, Bytes::from(body))))
         })
     })
     .await?;
-    state.outbox_signal.rows_committed();
-    let location = format!("/api/v1/events/{}", row.id);
-    let mut response = response::json(StatusCode::CREATED, &to_wire(row)?);
-    if let Ok(location) = HeaderValue::from_str(&location) {
-        response.headers_mut().insert(header::LOCATION, location);
+    match written {
+        Written::Fresh { answer, .. } => {
+            state.outbox_signal.rows_committed();
+            Ok(answer.into_response())
+        }
+        Written::Replayed(response) => Ok(response),
     }
-    Ok(response)
 }
 
 /// `GET /api/v1/events/{id}`

@@ -24,6 +24,12 @@ const DISCARD_AT_MOST_FOR: Duration = Duration::from_secs(1);
 
 /// Checks the content type and size, reads the body and deserializes it.
 pub async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Incoming) -> Result<T, ApiError> {
+    parse_json(&read_body(headers, body).await?)
+}
+
+/// Checks the content type and size and reads the body, for [`parse_json`] (a write with an
+/// `Idempotency-Key` also fingerprints the bytes).
+pub async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
     require_json_content_type(headers)?;
     let declared_length = headers
         .get(header::CONTENT_LENGTH)
@@ -34,8 +40,7 @@ pub async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Incoming)
         discard(&mut body).await;
         return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
     }
-    let bytes = read_limited(&mut body).await?;
-    parse_json(&bytes)
+    read_limited(&mut body).await
 }
 
 async fn read_limited(body: &mut Incoming) -> Result<Bytes, ApiError> {

@@ -38,6 +38,13 @@ pub enum ApiError {
         /// Human message.
         message: String,
     },
+    /// Another request with this client and `Idempotency-Key` is still being served (SPEC §10); the
+    /// client may retry shortly.
+    #[error("a request with this Idempotency-Key is still in progress; retry shortly")]
+    IdempotencyKeyInUse,
+    /// This client's `Idempotency-Key` already answered a request with another method, path or body.
+    #[error("this Idempotency-Key was used for a different request (method, path or body)")]
+    IdempotencyKeyMismatch,
     /// The body is not JSON.
     #[error("content type must be application/json")]
     UnsupportedMediaType,
@@ -64,7 +71,7 @@ pub enum ApiError {
     Internal(#[source] anyhow::Error),
 }
 
-/// Seconds a client is asked to wait before retrying a 503.
+/// Seconds a client is asked to wait before retrying a 503 or an `idempotency_key_in_use`.
 const RETRY_AFTER_SECONDS: &str = "1";
 
 impl ApiError {
@@ -83,7 +90,8 @@ impl ApiError {
             Self::Validation(_) | Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::NotFound(_) | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Conflict { .. } | Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            Self::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) | Self::Timeout | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
@@ -102,6 +110,8 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::RouteNotFound => "route_not_found",
             Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::IdempotencyKeyInUse => "idempotency_key_in_use",
+            Self::IdempotencyKeyMismatch => "idempotency_key_mismatch",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Unavailable(_) => "service_unavailable",
@@ -142,7 +152,11 @@ impl ApiError {
                     headers.insert(header::ALLOW, allow);
                 }
             }
-            Self::Unavailable(_) | Self::Timeout | Self::Overloaded | Self::Auth(Rejection::KeysNotLoaded) => {
+            Self::Unavailable(_)
+            | Self::Timeout
+            | Self::Overloaded
+            | Self::Auth(Rejection::KeysNotLoaded)
+            | Self::IdempotencyKeyInUse => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
             }
             Self::RateLimited(seconds) => {
@@ -187,6 +201,16 @@ mod tests {
     fn method_not_allowed_carries_allow() {
         let response = ApiError::MethodNotAllowed("GET, POST".into()).into_response("r1");
         assert_eq!(response.headers()[header::ALLOW], "GET, POST");
+    }
+
+    #[test]
+    fn idempotency_key_in_use_is_a_409_with_retry_after_and_a_mismatch_a_422() {
+        let response = ApiError::IdempotencyKeyInUse.into_response("r1");
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let response = ApiError::IdempotencyKeyMismatch.into_response("r1");
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(!response.headers().contains_key(header::RETRY_AFTER));
     }
 
     #[test]

@@ -33,7 +33,12 @@ pub fn text(status: StatusCode, body: String) -> HttpResponse {
 
 /// A response with no body (204).
 pub fn no_content() -> HttpResponse {
+    empty(StatusCode::NO_CONTENT)
+}
+
+/// A response with this status and no body.
+pub fn empty(status: StatusCode) -> HttpResponse {
     let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = StatusCode::NO_CONTENT;
+    *response.status_mut() = status;
     response
 }

@@ -7,37 +7,45 @@ use common::db::models::UserRow;
 use common::kafka::lifecycle;
 use common::wire::{CreateUserRequest, UpdateUserRequest, User, UserPage, Users};
 use diesel::result::Error as DieselError;
-use http::{HeaderValue, StatusCode, header};
+use http::StatusCode;
 use uuid::Uuid;
 
 use super::{repo, validate};
 use crate::cache::Lookup;
-use crate::db::{detached, is_unique_violation, transaction};
+use crate::db::is_unique_violation;
 use crate::http::error::ApiError;
 use crate::http::query::{Cursor, Pagination};
 use crate::http::response::{self, HttpResponse};
+use crate::idempotency::{self, Answer, Idempotent, WithoutKey, Written};
 use crate::outbox;
 use crate::pages;
 use crate::state::AppState;
 
-/// `POST /api/v1/users`: the user and its `user_created` event in one statement.
-pub async fn create(state: &AppState, request_id: &str, request: CreateUserRequest) -> Result<HttpResponse, ApiError> {
+/// `POST /api/v1/users`: the user and its `user_created` event in one statement (with an
+/// `Idempotency-Key`, one transaction that also stores the answer).
+pub async fn create(
+    state: &AppState,
+    request_id: &str,
+    request: CreateUserRequest,
+    idempotent: Option<Idempotent>,
+) -> Result<HttpResponse, ApiError> {
     let row = repo::new_row(validate::new_user(request)?);
     let message = outbox::lifecycle_event(lifecycle::USER_CREATED, &row, request_id)?;
-    let row = detached(&state.db, move |conn| {
+    let written = idempotency::write(&state.db, idempotent, WithoutKey::OneStatement, move |conn| {
         Box::pin(async move {
             repo::insert_with_message(conn, &row, &message).await.map_err(email_conflict)?;
-            Ok(row)
+            let location = format!("/api/v1/users/{}", row.id);
+            Ok(((), Answer::created(location, serialize(row).1)))
         })
     })
     .await?;
-    state.outbox_signal.rows_committed();
-    let location = format!("/api/v1/users/{}", row.id);
-    let mut response = response::json_bytes(StatusCode::CREATED, serialize(row).1);
-    if let Ok(location) = HeaderValue::from_str(&location) {
-        response.headers_mut().insert(header::LOCATION, location);
+    match written {
+        Written::Fresh { answer, .. } => {
+            state.outbox_signal.rows_committed();
+            Ok(answer.into_response())
+        }
+        Written::Replayed(response) => Ok(response),
     }
-    Ok(response)
 }
 
 /// `GET /api/v1/users/{id}`: from the cache when it has the user, else from PostgreSQL.
@@ -66,41 +74,56 @@ pub async fn update(
     request_id: &str,
     id: Uuid,
     request: UpdateUserRequest,
+    idempotent: Option<Idempotent>,
 ) -> Result<HttpResponse, ApiError> {
     let changes = validate::changes(request)?;
     let request_id = request_id.to_owned();
-    let row = transaction(&state.db, move |conn| {
+    let written = idempotency::write(&state.db, idempotent, WithoutKey::Transaction, move |conn| {
         Box::pin(async move {
             let row =
                 repo::update(conn, id, &changes).await.map_err(email_conflict)?.ok_or(ApiError::NotFound("user"))?;
             outbox::append(conn, outbox::lifecycle_event(lifecycle::USER_UPDATED, &row, &request_id)?).await?;
-            Ok(row)
+            let (version, body) = serialize(row);
+            Ok((version, Answer::json(StatusCode::OK, body)))
         })
     })
     .await?;
+    let (version, answer) = match written {
+        Written::Fresh { value, answer } => (value, answer),
+        // A replay wrote nothing: the cache already saw whatever the first request did.
+        Written::Replayed(response) => return Ok(response),
+    };
     state.outbox_signal.rows_committed();
-    let (version, body) = serialize(row);
     // Before answering, so that no GET after this response can be served the previous state.
-    state.cache.store(id, version, body.clone()).await;
-    Ok(response::json_bytes(StatusCode::OK, body))
+    state.cache.store(id, version, answer.body.clone()).await;
+    Ok(answer.into_response())
 }
 
 /// `DELETE /api/v1/users/{id}`: the user (its events and stats cascade), its personal data in messages
 /// not yet published, and its `user_deleted` event (the id only), in one transaction.
-pub async fn delete(state: &AppState, request_id: &str, id: Uuid) -> Result<HttpResponse, ApiError> {
+pub async fn delete(
+    state: &AppState,
+    request_id: &str,
+    id: Uuid,
+    idempotent: Option<Idempotent>,
+) -> Result<HttpResponse, ApiError> {
     let request_id = request_id.to_owned();
-    let row = transaction(&state.db, move |conn| {
+    let written = idempotency::write(&state.db, idempotent, WithoutKey::Transaction, move |conn| {
         Box::pin(async move {
             let row = repo::delete(conn, id).await?.ok_or(ApiError::NotFound("user"))?;
             outbox::forget_user(conn, id).await?;
             outbox::append(conn, outbox::user_deleted(id, &request_id)?).await?;
-            Ok(row)
+            Ok((row.version, Answer::no_content()))
         })
     })
     .await?;
+    let (version, answer) = match written {
+        Written::Fresh { value, answer } => (value, answer),
+        Written::Replayed(response) => return Ok(response),
+    };
     state.outbox_signal.rows_committed();
-    state.cache.store_deleted(id, row.version).await;
-    Ok(response::no_content())
+    state.cache.store_deleted(id, version).await;
+    Ok(answer.into_response())
 }
 
 /// `GET /api/v1/users?page=&limit=` or `?cursor=&limit=`

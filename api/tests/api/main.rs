@@ -9,6 +9,7 @@ mod docs;
 mod events;
 mod helpers;
 mod http;
+mod idempotency;
 mod migrations;
 mod operability;
 mod ratelimit;

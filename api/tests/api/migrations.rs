@@ -63,7 +63,14 @@ fn render_schema(columns: &[ColumnInfo], foreign_keys: &[ForeignKey]) -> String 
         }
     }
     if tables.len() > 1 {
-        rendered.push_str(&format!("\ndiesel::allow_tables_to_appear_in_same_query!({});\n", tables.join(", ")));
+        // One line while it fits rustfmt's `max_width` (120), else one table per line, as rustfmt lays it out.
+        let line = format!("diesel::allow_tables_to_appear_in_same_query!({});", tables.join(", "));
+        if line.len() <= 120 {
+            rendered.push_str(&format!("\n{line}\n"));
+        } else {
+            let list = tables.iter().map(|table| format!("    {table}")).collect::<Vec<_>>().join(",\n");
+            rendered.push_str(&format!("\ndiesel::allow_tables_to_appear_in_same_query!(\n{list}\n);\n"));
+        }
     }
     rendered
 }
@@ -77,6 +84,7 @@ fn diesel_type(udt_name: &str) -> &str {
         "int4" => "Int4",
         "int8" => "Int8",
         "bool" => "Bool",
+        "bytea" => "Bytea",
         "jsonb" => "Jsonb",
         "timestamptz" => "Timestamptz",
         other => panic!("add a mapping for PostgreSQL type {other}"),

@@ -105,3 +105,31 @@ pub struct UserEventStatsRow {
     /// Newest `created_at` among them.
     pub last_event_at: DateTime<Utc>,
 }
+
+/// A row of `idempotency_keys`: the answer to a write sent with an `Idempotency-Key` (SPEC §10),
+/// written by the transaction of that write. Also what a later request with the same client and key
+/// is checked against and answered with.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable, AsChangeset)]
+#[diesel(table_name = crate::db::schema::idempotency_keys, check_for_backend(diesel::pg::Pg))]
+// Replacing an expired row must also clear its `location`.
+#[diesel(treat_none_as_null = true)]
+pub struct IdempotencyRow {
+    /// Who sent the request (the token's client, or the peer with authentication off).
+    pub client_id: String,
+    /// The client's `Idempotency-Key`.
+    pub idempotency_key: String,
+    /// The request's method.
+    pub method: String,
+    /// The request's path (without a trailing slash).
+    pub path: String,
+    /// SHA-256 (hex) of the request body in canonical JSON.
+    pub body_sha256: String,
+    /// The answer's status code.
+    pub status: i32,
+    /// The answer's `Location` header.
+    pub location: Option<String>,
+    /// The answer's body, byte for byte.
+    pub response_body: Vec<u8>,
+    /// When the row stops counting (the expiry job deletes it some time after).
+    pub expires_at: DateTime<Utc>,
+}

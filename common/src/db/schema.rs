@@ -14,6 +14,21 @@ diesel::table! {
 }
 
 diesel::table! {
+    idempotency_keys (client_id, idempotency_key) {
+        client_id -> Text,
+        idempotency_key -> Text,
+        method -> Text,
+        path -> Text,
+        body_sha256 -> Text,
+        status -> Int4,
+        location -> Nullable<Text>,
+        response_body -> Bytea,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     outbox (id) {
         id -> Int8,
         event_id -> Uuid,
@@ -66,4 +81,12 @@ diesel::table! {
 diesel::joinable!(events -> users (user_id));
 diesel::joinable!(user_event_stats -> users (user_id));
 
-diesel::allow_tables_to_appear_in_same_query!(events, outbox, outbox_publisher, row_counts, user_event_stats, users);
+diesel::allow_tables_to_appear_in_same_query!(
+    events,
+    idempotency_keys,
+    outbox,
+    outbox_publisher,
+    row_counts,
+    user_event_stats,
+    users
+);
