@@ -12,7 +12,7 @@ use super::validate;
 use crate::http::error::ApiError;
 use crate::http::query::{Cursor, Pagination};
 use crate::http::response::{self, HttpResponse};
-use crate::idempotency::{self, Answer, Idempotent, WithoutKey, Written};
+use crate::idempotency::{self, Answer, Idempotent, WithoutKey};
 use crate::outbox;
 use crate::pages;
 use crate::state::AppState;
@@ -37,13 +37,7 @@ pub async fn create(
         })
     })
     .await?;
-    match written {
-        Written::Fresh { answer, .. } => {
-            state.outbox_signal.rows_committed();
-            Ok(answer.into_response())
-        }
-        Written::Replayed(response) => Ok(response),
-    }
+    Ok(written.into_created_response(&state.outbox_signal))
 }
 
 /// `GET /api/v1/events/{id}`

@@ -293,6 +293,20 @@ pub enum Written<T> {
     Replayed(HttpResponse),
 }
 
+impl Written<()> {
+    /// The response to a create: a fresh write's answer, once the relay is woken for its outbox row,
+    /// or the replay.
+    pub fn into_created_response(self, signal: &crate::outbox::relay::OutboxSignal) -> HttpResponse {
+        match self {
+            Written::Fresh { answer, .. } => {
+                signal.rows_committed();
+                answer.into_response()
+            }
+            Written::Replayed(response) => response,
+        }
+    }
+}
+
 /// Runs a handler's write, which returns its value and its answer. With a key, it runs in one
 /// transaction with the key's lock and lookup before it and the answer stored after it (see the
 /// module's documentation); 409 `idempotency_key_in_use` while another request holds the key, 422

@@ -39,13 +39,7 @@ pub async fn create(
         })
     })
     .await?;
-    match written {
-        Written::Fresh { answer, .. } => {
-            state.outbox_signal.rows_committed();
-            Ok(answer.into_response())
-        }
-        Written::Replayed(response) => Ok(response),
-    }
+    Ok(written.into_created_response(&state.outbox_signal))
 }
 
 /// `GET /api/v1/users/{id}`: from the cache when it has the user, else from PostgreSQL.
