@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request};
+use http::Request;
 use hyper::body::Incoming;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -22,16 +22,10 @@ use crate::routes::{Endpoint, RouteMatch};
 use crate::state::AppState;
 use crate::users::handlers as users;
 
-/// Header carrying the request id, accepted from the client or generated, and always echoed.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
-
-/// Longest client-provided request id kept; a longer or non-printable one is replaced.
-const MAX_REQUEST_ID_LEN: usize = 128;
-
 /// Serves one request from `peer`. Infallible: every failure becomes a JSON error response.
 pub async fn handle(state: AppState, peer: IpAddr, request: Request<Incoming>) -> HttpResponse {
     let started = Instant::now();
-    let request_id_header = request_id(&request);
+    let request_id_header = common::request_id::of(&request);
     // Only visible ASCII gets in (see `request_id`), so the text form always exists.
     let request_id = request_id_header.to_str().unwrap_or_default();
     let method = request.method().clone();
@@ -64,7 +58,7 @@ pub async fn handle(state: AppState, peer: IpAddr, request: Request<Incoming>) -
         };
         drop(permit);
         let mut response = result.unwrap_or_else(|err| err.into_response(request_id));
-        response.headers_mut().insert(REQUEST_ID_HEADER, request_id_header.clone());
+        response.headers_mut().insert(common::request_id::HEADER, request_id_header.clone());
         let elapsed = started.elapsed();
         state.metrics.observe_request(endpoint, template, method.as_str(), response.status().as_u16(), elapsed);
         tracing::info!(
@@ -208,34 +202,4 @@ fn parse_id(raw: Option<String>) -> Result<Uuid, ApiError> {
     raw.as_deref()
         .and_then(|raw| Uuid::try_parse(raw).ok())
         .ok_or_else(|| ApiError::bad_request("invalid_id", "id must be a UUID"))
-}
-
-/// The client's `X-Request-Id` when it is short and printable, else a new UUID; as a header value,
-/// since it is echoed on every response (the client's is shared, not copied).
-fn request_id<B>(request: &Request<B>) -> HeaderValue {
-    request
-        .headers()
-        .get(REQUEST_ID_HEADER)
-        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && id.as_bytes().iter().all(u8::is_ascii_graphic))
-        .cloned()
-        .unwrap_or_else(|| {
-            let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
-            HeaderValue::from_str(Uuid::new_v4().hyphenated().encode_lower(&mut text))
-                .expect("a UUID is a valid header value")
-        })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_ids_are_kept_when_sane_and_replaced_otherwise() {
-        let with = |value: &str| Request::builder().header(REQUEST_ID_HEADER, value).body(()).unwrap();
-        assert_eq!(request_id(&with("abc-123")), "abc-123");
-        assert_ne!(request_id(&with("has space")), "has space");
-        assert_ne!(request_id(&with(&"x".repeat(129))), "x".repeat(129).as_str());
-        let generated = request_id(&Request::builder().body(()).unwrap());
-        assert!(Uuid::try_parse(generated.to_str().unwrap()).is_ok());
-    }
 }

@@ -15,6 +15,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod pool;
 pub mod postgres;
+pub mod request_id;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

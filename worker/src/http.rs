@@ -45,6 +45,13 @@ pub async fn serve(listener: TcpListener, health: Health, mut stop: watch::Recei
 }
 
 fn route(health: &Health, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let request_id = common::request_id::of(request);
+    let mut response = answer(health, request, &request_id);
+    response.headers_mut().insert(common::request_id::HEADER, request_id);
+    response
+}
+
+fn answer(health: &Health, request: &Request<Incoming>, request_id: &http::HeaderValue) -> Response<Full<Bytes>> {
     let path = request.uri().path().trim_end_matches('/');
     match (request.method().as_str(), path) {
         ("GET", "/health/live") => json(StatusCode::OK, r#"{"status":"ok"}"#),
@@ -68,12 +75,27 @@ fn route(health: &Health, request: &Request<Incoming>) -> Response<Full<Bytes>> 
         }
         (_, "/health/live" | "/health/ready" | "/metrics") => {
             let mut response =
-                json(StatusCode::METHOD_NOT_ALLOWED, r#"{"error":"method not allowed","code":"method_not_allowed"}"#);
+                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "method_not_allowed", request_id);
             response.headers_mut().insert(header::ALLOW, http::HeaderValue::from_static("GET"));
             response
         }
-        _ => json(StatusCode::NOT_FOUND, r#"{"error":"no route for this path","code":"route_not_found"}"#),
+        _ => error(StatusCode::NOT_FOUND, "no route for this path", "route_not_found", request_id),
     }
+}
+
+/// An error in the api's shape (`common::wire::ErrorBody`), so that clients and dashboards read both
+/// binaries' errors the same way.
+fn error(status: StatusCode, message: &str, code: &str, request_id: &http::HeaderValue) -> Response<Full<Bytes>> {
+    let body = common::wire::ErrorBody {
+        error: message.to_owned(),
+        code: code.to_owned(),
+        details: None,
+        request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).expect("serializable"))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
 }
 
 fn json(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -222,3 +222,32 @@ async fn one_request_id_follows_an_event_through_both_binaries_and_no_log_line_h
         "worker event line: {traced:?}"
     );
 }
+
+/// The worker's HTTP errors have the api's shape (`error`, `code`, `request_id`) and echo
+/// `X-Request-Id`, so one client and one dashboard read both binaries alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_workers_http_errors_have_the_apis_shape() {
+    let stack = Stack::start(&[]).await;
+    let worker = stack.start_worker().await;
+    let base = format!("http://{}", worker.http);
+
+    let response = stack.client.get(format!("{base}/nope")).header("x-request-id", "probe-7").send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(response.headers()["x-request-id"], "probe-7");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        (body["code"].as_str(), body["request_id"].as_str()),
+        (Some("route_not_found"), Some("probe-7")),
+        "{body}"
+    );
+    assert!(body["error"].is_string(), "{body}");
+
+    let response = stack.client.post(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "GET");
+    let generated = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "method_not_allowed");
+    assert_eq!(body["request_id"], generated.as_str());
+    worker.stop().await;
+}
