@@ -95,10 +95,14 @@ async fn dispatch(
         tracing::Span::current().record("client_id", &*client.id);
     }
     // Who the caller is for its rate limit and its idempotency keys (SPEC §8, §10): the token's
-    // client, or with authentication off the client's address.
+    // client, or with authentication off the client's address. Prefixed, so that a client whose id
+    // reads like an address never shares a budget or keys with that address.
     let identity: Arc<str> = match &client {
-        Some(client) => client.id.clone(),
-        None => client_address(peer, &parts.headers, &state.config.rate_limit.trusted_proxies).to_string().into(),
+        Some(client) => format!("client:{}", client.id).into(),
+        None => {
+            let address = client_address(peer, &parts.headers, &state.config.rate_limit.trusted_proxies);
+            format!("address:{address}").into()
+        }
     };
     let Some(limiter) = &clients.rate_limiter else {
         return run(state, request_id, endpoint, id, Some(&identity), parts, body).await;

@@ -27,7 +27,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::{JoinAll, join_all};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -78,8 +78,8 @@ enum Ended {
 }
 
 impl Relay {
-    /// Runs until `stop` turns true; finishes the batches in flight (bounded by `SHUTDOWN_TIMEOUT`),
-    /// hands the lease over, then flushes the producer.
+    /// Runs until `stop` turns true (or its sender is gone); finishes the batches in flight (bounded
+    /// by `SHUTDOWN_TIMEOUT`), hands the lease over, and drops what the producer still holds.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let timings = Timings::new(self.config.outbox.takeover_timeout);
         let mut session: Option<AsyncPgConnection> = None;
@@ -131,14 +131,16 @@ impl Relay {
                 }
                 Err(err) => {
                     tracing::warn!(error = %format!("{err:#}"), "outbox relay lost its database session; reconnecting");
+                    // Its rows are read again by whoever publishes next, this replica included.
+                    self.replace_producer();
                     session = None;
                     wait(&mut stop, backoff.next_delay()).await;
                 }
             }
         }
-        if let Err(err) = self.producer.flush(self.config.server.shutdown_timeout) {
-            tracing::warn!(error = %err, "Kafka producer flush at shutdown incomplete; rows stay in the outbox");
-        }
+        // Batches still unacknowledged after the drain stay in the outbox for whoever publishes next:
+        // delivering them now, after the lease was handed over, would only duplicate that replica's.
+        self.producer.purge(PurgeConfig::default().queue().inflight());
         tracing::info!("outbox relay stopped");
     }
 
@@ -174,8 +176,11 @@ impl Relay {
             if !stalled && now >= lease.renewal_due() && !bounded(timings, lease.renew(conn)).await? {
                 return Ok(Ended::Lost);
             }
-            if !stopping && now >= resume_sending {
-                bounded(timings, self.send_more(conn, &lease, &mut in_flight)).await?;
+            if !stopping
+                && now >= resume_sending
+                && !bounded(timings, self.send_more(conn, &lease, &mut in_flight)).await?
+            {
+                resume_sending = Instant::now() + kafka_backoff.next_delay();
             }
 
             let now = Instant::now();
@@ -226,6 +231,8 @@ impl Relay {
     /// unusable, and one holding messages sent under a lost lease would still deliver them; a fresh
     /// one is always accepted.
     fn replace_producer(&mut self) {
+        // Dropped messages fail their delivery futures, which nobody awaits any more.
+        self.producer.purge(PurgeConfig::default().queue().inflight());
         match common::kafka::producer_config(&self.config.kafka).create() {
             Ok(producer) => self.producer = producer,
             Err(err) => tracing::error!(error = %err, "could not recreate the Kafka producer"),
@@ -235,12 +242,13 @@ impl Relay {
     /// Sends the oldest rows not already in flight, a batch at a time, until
     /// [`MAX_BATCHES_IN_FLIGHT`] batches await their acknowledgements or nothing is left. Rows are read
     /// only while `lease`'s epoch is current, and handed to the producer only while it is valid here.
+    /// `false` when the producer took none of the rows it was offered.
     async fn send_more(
         &self,
         conn: &mut AsyncPgConnection,
         lease: &Lease,
         in_flight: &mut VecDeque<Batch>,
-    ) -> QueryResult<()> {
+    ) -> QueryResult<bool> {
         while in_flight.len() < MAX_BATCHES_IN_FLIGHT {
             let sent: Vec<i64> = in_flight.iter().flat_map(|batch| batch.ids.iter().copied()).collect();
             let still_ours = outbox_publisher::table.filter(outbox_publisher::epoch.eq(lease.epoch()));
@@ -258,12 +266,17 @@ impl Relay {
             }
             let batch = self.send(&rows);
             let full = batch.ids.len() == rows.len();
+            if batch.ids.is_empty() {
+                // Not one row fit (the producer's queue is full, or the producer is broken): with
+                // nothing in flight to wait for, the caller pauses rather than spins.
+                return Ok(false);
+            }
             in_flight.push_back(batch);
             if !full {
                 break; // the producer's queue is full: wait for acknowledgements first
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Hands rows to the producer; stops early if its local queue is full.
@@ -329,8 +342,9 @@ struct Batch {
     sent_at: Instant,
 }
 
+/// Stop was asked for, or can no longer be (its sender is gone: the api is going away).
 fn stopped(stop: &watch::Receiver<bool>) -> bool {
-    *stop.borrow()
+    *stop.borrow() || stop.has_changed().is_err()
 }
 
 /// Every statement of the relay's session has a deadline of its own: a PostgreSQL that hangs or a
@@ -346,10 +360,10 @@ where
         .map_err(anyhow::Error::from)
 }
 
-/// Sleeps `period`, or less if stopped.
+/// Sleeps `period`, or less if stopped (at once if already stopped).
 async fn wait(stop: &mut watch::Receiver<bool>, period: Duration) {
     tokio::select! {
         () = tokio::time::sleep(period) => {}
-        _ = stop.changed() => {}
+        _ = stop.wait_for(|stopped| *stopped) => {}
     }
 }
