@@ -126,21 +126,59 @@ impl Idempotent {
 }
 
 /// SHA-256 (hex) of the body in canonical JSON (object keys sorted, no insignificant white space),
-/// so that the same JSON sent with other spacing or key order is the same request. Numbers compare
-/// as serde_json reads them: integers exactly within 64 bits, others as IEEE doubles (I-JSON,
-/// RFC 7493), so `1.0` and `1.00` are the same and `1` and `1.0` are not. A body that is not JSON is
-/// hashed as it is (its request fails, so it is never stored, but it must still differ from any
-/// stored one).
+/// so that the same JSON sent with other spacing or key order is the same request. Canonical only
+/// when that loses nothing: a body whose numbers would not be written back exactly as sent (beyond
+/// 64-bit integers or double precision, `1.00`, `1e2`) or that repeats a key (the parse keeps only
+/// one) is hashed as sent, so it matches only itself, byte for byte. So does a body that is not JSON
+/// (its request fails and is never stored, but it must still differ from any stored one).
 fn body_sha256(body: &[u8]) -> String {
-    let canonical = match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(value) => {
-            let mut out = vec![b'j'];
-            canonical_json(&value, &mut out);
-            out
+    let canonical = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|value| {
+        let mut out = Vec::with_capacity(body.len());
+        canonical_json(&value, &mut out);
+        (JsonTokens::of(body) == JsonTokens::of(&out)).then(|| [&b"j"[..], &out].concat())
+    });
+    let hashed = canonical.unwrap_or_else(|| [&b"r"[..], body].concat());
+    digest(&SHA256, &hashed).as_ref().iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// What canonical JSON must keep of a text: its number literals, as written, and how many
+/// name-value pairs it has (a repeated name is one pair fewer once parsed).
+#[derive(PartialEq, Eq, Debug)]
+struct JsonTokens<'a> {
+    numbers: Vec<&'a [u8]>,
+    pairs: usize,
+}
+
+impl<'a> JsonTokens<'a> {
+    /// Scans well-formed JSON text (strings skipped, escapes included).
+    fn of(text: &'a [u8]) -> Self {
+        let (mut numbers, mut pairs, mut index) = (Vec::new(), 0, 0);
+        while index < text.len() {
+            match text[index] {
+                b'"' => {
+                    index += 1;
+                    while index < text.len() && text[index] != b'"' {
+                        index += if text[index] == b'\\' { 2 } else { 1 };
+                    }
+                    index += 1;
+                }
+                b':' => {
+                    pairs += 1;
+                    index += 1;
+                }
+                b'-' | b'0'..=b'9' => {
+                    let start = index;
+                    while index < text.len() && matches!(text[index], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                        index += 1;
+                    }
+                    numbers.push(&text[start..index]);
+                }
+                _ => index += 1,
+            }
         }
-        Err(_) => [&b"r"[..], body].concat(),
-    };
-    digest(&SHA256, &canonical).as_ref().iter().map(|byte| format!("{byte:02x}")).collect()
+        numbers.sort_unstable();
+        Self { numbers, pairs }
+    }
 }
 
 /// Writes `value` with object keys in sorted order, whatever order the map type keeps.
@@ -393,6 +431,21 @@ mod tests {
         assert_ne!(body_sha256(br#"{"a":[1,2]}"#), body_sha256(br#"{"a":[2,1]}"#));
         assert_ne!(body_sha256(b"{not json"), body_sha256(b"{not  json"));
         assert_eq!(body_sha256(b""), body_sha256(b""));
+    }
+
+    #[test]
+    fn bodies_the_parse_would_blur_match_only_themselves() {
+        // Beyond 64-bit integers and double precision, serde_json reads both as the same number.
+        let big = [&br#"{"n":12345678901234567890123}"#[..], br#"{"n":12345678901234567890124}"#];
+        assert_ne!(body_sha256(big[0]), body_sha256(big[1]));
+        assert_eq!(body_sha256(big[0]), body_sha256(big[0]));
+        // A repeated name keeps only its last value once parsed.
+        assert_ne!(body_sha256(br#"{"a":1,"a":2}"#), body_sha256(br#"{"a":2}"#));
+        // Numbers written another way are another body unless byte-identical.
+        assert_ne!(body_sha256(br#"{"n":1.00}"#), body_sha256(br#"{"n":1.0}"#));
+        // Strings that look like numbers or hold colons and escaped quotes change nothing.
+        let tricky = [&br#"{"s":"1:2 \" 3","n":-2.5}"#[..], br#"{ "n" : -2.5 , "s" : "1:2 \" 3" }"#];
+        assert_eq!(body_sha256(tricky[0]), body_sha256(tricky[1]));
     }
 
     #[test]
