@@ -25,6 +25,7 @@ pub mod pages;
 pub mod ratelimit;
 pub mod redis_client;
 pub mod routes;
+pub mod samples;
 pub mod server;
 pub mod service;
 pub mod state;
@@ -55,6 +56,8 @@ pub const OPENAPI_DOCUMENT: &str = include_str!("../../docs/openapi.json");
 pub struct App {
     listener: TcpListener,
     state: AppState,
+    /// The outbox relay's producer (the background Kafka check uses it too).
+    producer: FutureProducer,
 }
 
 impl App {
@@ -88,8 +91,8 @@ impl App {
         let listener = TcpListener::bind(config.server.addr)
             .await
             .with_context(|| format!("failed to listen on {}", config.server.addr))?;
-        let state = AppState::new(db, cache, routes, config, producer, metrics, Clients { auth, rate_limiter });
-        Ok(Self { listener, state })
+        let state = AppState::new(db, cache, routes, config, metrics, Clients { auth, rate_limiter });
+        Ok(Self { listener, state, producer })
     }
 
     /// The bound address (useful with port 0).
@@ -101,10 +104,11 @@ impl App {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tracing::info!(address = %self.local_addr()?, "api listening");
         let (stop_relay, relay_stopped) = watch::channel(false);
+        let (current_producer, producer) = watch::channel(self.producer.clone());
+        let samples = tokio::spawn(samples::run(self.state.clone(), producer, relay_stopped.clone()));
         let relay = Relay {
-            producer: common::kafka::producer_config(&self.state.config.kafka)
-                .create()
-                .context("invalid Kafka producer configuration")?,
+            producer: self.producer,
+            current_producer,
             connector: Connector::new(&self.state.config.database, "highload-api-outbox")?,
             config: self.state.config.clone(),
             signal: self.state.outbox_signal.clone(),
@@ -121,6 +125,7 @@ impl App {
         // Requests are drained: whatever they wrote to the outbox gets one last chance to be published.
         let _ = stop_relay.send(true);
         relay.await.context("outbox relay panicked")?;
+        samples.await.context("dependency sampler panicked")?;
         expiry.await.context("idempotency expiry job panicked")?;
         tracing::info!("api stopped");
         Ok(())

@@ -23,7 +23,7 @@ pub struct ApiMetrics {
     pub http_rejected: IntCounter,
     /// Cache lookups and writes by operation and result.
     pub cache: IntCounterVec,
-    /// Outbox rows waiting to be published (sampled at scrape time).
+    /// Outbox rows waiting to be published (counted by the background check, `samples`).
     pub outbox_backlog: IntGauge,
     /// Messages Kafka acknowledged.
     pub outbox_published: IntCounter,
@@ -90,7 +90,7 @@ impl ApiMetrics {
                 "User cache operations by operation and result",
                 &["operation", "result"],
             ),
-            outbox_backlog: r.gauge("outbox_backlog", "Outbox rows not yet published (sampled at scrape)"),
+            outbox_backlog: r.gauge("outbox_backlog", "Outbox rows not yet published (counted once a second)"),
             outbox_published: r.counter("outbox_published_total", "Outbox messages acknowledged by Kafka"),
             outbox_failed: r
                 .counter("outbox_publish_failures_total", "Outbox messages Kafka did not acknowledge (retried)"),

@@ -130,9 +130,9 @@ async fn run(
 ) -> Result<HttpResponse, ApiError> {
     match endpoint {
         Endpoint::HealthLive => Ok(health::live()),
-        Endpoint::HealthReady => Ok(health::ready(state).await),
-        Endpoint::Health => Ok(health::report(state).await),
-        Endpoint::Metrics => Ok(health::metrics(state).await),
+        Endpoint::HealthReady => Ok(health::ready(state)),
+        Endpoint::Health => Ok(health::report(state)),
+        Endpoint::Metrics => Ok(health::metrics(state)),
         Endpoint::OpenApi => Ok(crate::http::response::json_bytes(
             http::StatusCode::OK,
             Bytes::from_static(crate::OPENAPI_DOCUMENT.as_bytes()),

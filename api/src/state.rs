@@ -38,8 +38,8 @@ pub struct Inner {
     pub routes: Routes,
     /// Configuration read at start.
     pub config: Config,
-    /// A Kafka client for health checks (the outbox relay has its own producer).
-    pub producer: rdkafka::producer::FutureProducer,
+    /// The dependencies as last checked in the background.
+    pub samples: crate::samples::Samples,
     /// Wakes the outbox relay after a commit.
     pub outbox_signal: OutboxSignal,
     /// Prometheus metrics.
@@ -58,7 +58,6 @@ impl AppState {
         cache: UserCache,
         routes: Routes,
         config: Config,
-        producer: rdkafka::producer::FutureProducer,
         metrics: Arc<ApiMetrics>,
         clients: Clients,
     ) -> Self {
@@ -71,7 +70,7 @@ impl AppState {
             cache,
             routes,
             config,
-            producer,
+            samples: crate::samples::Samples::default(),
             outbox_signal: OutboxSignal::default(),
             shutting_down: AtomicBool::new(false),
         }))

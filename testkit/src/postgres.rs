@@ -87,6 +87,12 @@ impl PrivatePostgres {
         self.run_as_owner("pg_ctl", &["-w", "-m", "immediate", "stop", "-D"], Some(&self.dir.join("data")));
     }
 
+    /// Runs `sql` as the superuser on database `postgres` (settings, roles).
+    pub fn execute(&self, sql: &str) {
+        let (socket_dir, port) = (self.dir.display().to_string(), self.port.to_string());
+        self.run_as_owner("psql", &["-h", &socket_dir, "-p", &port, "-U", "postgres", "-qc", sql], None);
+    }
+
     /// Freezes the server and its backends (`SIGSTOP`), as a paused VM or a hung host would: its
     /// sockets stay open and the kernel still acknowledges packets, but nothing answers.
     pub fn freeze(&self) {

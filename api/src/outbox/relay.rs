@@ -57,6 +57,8 @@ impl OutboxSignal {
 pub struct Relay {
     /// Kafka producer; replaced after a failed batch and when this replica stops publishing.
     pub producer: FutureProducer,
+    /// Where the current producer is published (the background Kafka check uses it).
+    pub current_producer: watch::Sender<FutureProducer>,
     /// Opens the relay's own session (so that a saturated pool never delays a renewal).
     pub connector: Connector,
     /// Configuration.
@@ -233,8 +235,11 @@ impl Relay {
     fn replace_producer(&mut self) {
         // Dropped messages fail their delivery futures, which nobody awaits any more.
         self.producer.purge(PurgeConfig::default().queue().inflight());
-        match common::kafka::producer_config(&self.config.kafka).create() {
-            Ok(producer) => self.producer = producer,
+        match common::kafka::producer_config(&self.config.kafka).create::<FutureProducer>() {
+            Ok(producer) => {
+                drop(self.current_producer.send_replace(producer.clone()));
+                self.producer = producer;
+            }
             Err(err) => tracing::error!(error = %err, "could not recreate the Kafka producer"),
         }
     }

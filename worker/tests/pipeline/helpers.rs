@@ -162,6 +162,16 @@ impl Stack {
         text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
+    /// Waits until the api at `base` (`http://host:port`) answers its readiness probe with `status`
+    /// (readiness reads a background check taken every second, so it follows within about one).
+    pub async fn wait_for_readiness(&self, base: &str, status: u16) {
+        testkit::eventually(&format!("{base} readiness {status}"), Duration::from_secs(30), || async {
+            let response = self.client.get(format!("{base}/health/ready")).send().await.ok()?;
+            (response.status().as_u16() == status).then_some(())
+        })
+        .await;
+    }
+
     /// Whether the worker whose health port is at `base` (`http://host:port`) holds partitions.
     pub async fn holds_partitions(&self, base: &str) -> bool {
         let ready =

@@ -26,7 +26,7 @@ async fn with_postgres_cut_the_api_answers_503_promptly_and_recovers_without_a_r
     let stack = Stack::start(&[("DB_PORT", &port), ("DB_POOL_TIMEOUT_MS", "1000"), ("DB_CONNECT_TIMEOUT", "2")]).await;
     let user = stack.create_user().await;
     let path = format!("/api/v1/users/{user}");
-    assert_eq!(stack.client.get(stack.url("/health/ready")).send().await.unwrap().status(), 200);
+    stack.wait_for_readiness(&stack.url(""), 200).await;
 
     proxy.cut();
     for (method, url, body) in [
@@ -48,7 +48,7 @@ async fn with_postgres_cut_the_api_answers_503_promptly_and_recovers_without_a_r
         // Bounded by the pool's checkout timeout, far below the request timeout.
         assert!(elapsed < Duration::from_secs(5), "{method} took {elapsed:?} with PostgreSQL cut");
     }
-    assert_eq!(stack.client.get(stack.url("/health/ready")).send().await.unwrap().status(), 503);
+    stack.wait_for_readiness(&stack.url(""), 503).await;
     assert_eq!(stack.client.get(stack.url("/health/live")).send().await.unwrap().status(), 200);
 
     proxy.restore();
@@ -57,7 +57,7 @@ async fn with_postgres_cut_the_api_answers_503_promptly_and_recovers_without_a_r
         (response.status() == 200).then_some(())
     })
     .await;
-    assert_eq!(stack.client.get(stack.url("/health/ready")).send().await.unwrap().status(), 200);
+    stack.wait_for_readiness(&stack.url(""), 200).await;
     assert_eq!(stack.get(&path).await["first_name"], "Back");
 }
 
@@ -174,7 +174,7 @@ async fn with_postgres_stopped_and_started_again_everything_recovers_by_itself()
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
     assert!(started.elapsed() < Duration::from_secs(5), "answered in {:?}", started.elapsed());
-    assert_eq!(stack.client.get(stack.url("/health/ready")).send().await.unwrap().status(), 503);
+    stack.wait_for_readiness(&stack.url(""), 503).await;
     assert_eq!(stack.client.get(stack.url("/health/live")).send().await.unwrap().status(), 200);
 
     postgres.start_server();
@@ -223,8 +223,7 @@ async fn with_postgres_frozen_requests_get_503_within_the_deadline_and_everythin
         // The deadline is 2 s; the request timeout 5 s.
         assert!(took < Duration::from_secs(4), "request {n} answered in {took:?}");
     }
-    let ready = stack.client.get(stack.url("/health/ready")).send().await.unwrap();
-    assert_eq!(ready.status(), 503);
+    stack.wait_for_readiness(&stack.url(""), 503).await;
     eprintln!(
         "PostgreSQL frozen: 12 writes answered 503, the slowest in {slowest:?} (deadline 2 s, REQUEST_TIMEOUT 5 s)"
     );
@@ -253,4 +252,38 @@ async fn with_postgres_frozen_requests_get_503_within_the_deadline_and_everythin
     // Applied once each: a double application would overshoot.
     assert_eq!(stats["events_total"], stored, "{stats}");
     worker.stop().await;
+}
+
+/// Probes and scrapes read what the background checks sampled: 1,000 scrapes of `/metrics` and
+/// 1,000 readiness probes issue no SQL. Counted in the server's own log (`log_statement = all`), so
+/// every statement of every session shows, the background's included (the relay's polls, the
+/// lease, the once-a-second check), which bound the count.
+#[tokio::test(flavor = "multi_thread")]
+async fn scrapes_and_probes_issue_no_sql() {
+    let postgres = testkit::PrivatePostgres::start();
+    postgres.execute("ALTER DATABASE postgres SET log_statement = 'all'");
+    let port = postgres.port.to_string();
+    let stack = Stack::start(&[("DB_PORT", &port), ("DB_NAME", "postgres"), ("OUTBOX_POLL_INTERVAL_MS", "1000")]).await;
+    stack.wait_for_readiness(&stack.url(""), 200).await;
+    let statements = || {
+        postgres
+            .log()
+            .lines()
+            .filter(|line| line.contains("LOG:  statement:") || line.contains("LOG:  execute "))
+            .count()
+    };
+    let before = statements();
+    let started = Instant::now();
+    for _ in 0..1000 {
+        let response = stack.client.get(stack.url("/metrics")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let response = stack.client.get(stack.url("/health/ready")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let took = started.elapsed();
+    let during = statements() - before;
+    eprintln!("1,000 scrapes and 1,000 probes in {took:?}: {during} statements in all, from the background tasks");
+    // The background runs a handful of statements a second (relay poll, lease renewal, one check).
+    let background = 10 * (took.as_secs() as usize + 1);
+    assert!(during <= background, "{during} statements in {took:?}: scrapes or probes query PostgreSQL");
 }

@@ -62,7 +62,7 @@ impl Isolated {
     /// An api inside the namespace, once it is ready.
     async fn spawn_api(&self, extra: &[(&str, &str)]) -> (Process, String) {
         let (process, api) = self.spawn("api", extra);
-        ready_within(&self.stack, &api, Duration::from_secs(30)).await;
+        self.stack.wait_for_readiness(&api, 200).await;
         (process, api)
     }
 
@@ -95,18 +95,6 @@ impl Isolated {
     }
 }
 
-async fn ready_within(stack: &Stack, base: &str, timeout: Duration) {
-    testkit::eventually(&format!("{base} to be ready"), timeout, || async {
-        let response = stack.client.get(format!("{base}/health/ready")).send().await.ok()?;
-        (response.status() == 200).then_some(())
-    })
-    .await;
-}
-
-async fn status_of_ready(stack: &Stack, base: &str) -> u16 {
-    stack.client.get(format!("{base}/health/ready")).send().await.unwrap().status().as_u16()
-}
-
 /// api ↔ PostgreSQL dropped: writes get 503 + `Retry-After` within the client-side deadline (never
 /// near `REQUEST_TIMEOUT`), the api is not ready; healed, it is ready again and every stored event is
 /// applied once.
@@ -136,11 +124,11 @@ async fn api_cut_from_postgres_answers_503_within_the_deadline_and_recovers() {
         assert_eq!(response.headers()["retry-after"], "1");
         assert!(took < Duration::from_secs(4), "write {n} answered in {took:?}");
     }
-    assert_eq!(status_of_ready(&env.stack, &api).await, 503);
+    env.stack.wait_for_readiness(&api, 503).await;
 
     env.netns.heal(env.postgres.addr().port());
     let healed = Instant::now();
-    ready_within(&env.stack, &api, Duration::from_secs(30)).await;
+    env.stack.wait_for_readiness(&api, 200).await;
     let recovery = healed.elapsed();
     env.post_events(&api, &user, 3).await;
     env.assert_applied_once(&api, &user, 6).await;
