@@ -49,6 +49,25 @@ ensure_system_packages() {
   python3 -c 'import venv, ensurepip' 2>/dev/null || ensure_packages python3-venv
 }
 
+# Debian's prometheus package: promtool checks and unit-tests deploy/prometheus/alerts.yaml, and its
+# server is what the live scrape test runs (on a port of its own). Without recommends (the node exporter
+# would be one more service). Where an init system runs, the package starts a prometheus service on
+# :9090 and enables it at boot: when this function installed it, it stops and disables that service, so
+# nothing of the package runs in the background (a service installed earlier is left as it is).
+ensure_prometheus() {
+  dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -q 'install ok installed' && return 0
+  log "installing Debian package: prometheus (promtool and the server)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+  if [[ -d /run/systemd/system ]]; then
+    systemctl disable --now prometheus.service
+  else
+    # No systemd: invoke-rc.d may have started the SysV script (unless policy-rc.d denied it).
+    /etc/init.d/prometheus stop
+    update-rc.d prometheus disable
+  fi
+}
+
 # buildah builds the Dockerfiles without a daemon (SPEC §7 "Images"); debootstrap makes the base images.
 ensure_buildah() { ensure_packages buildah debootstrap; }
 

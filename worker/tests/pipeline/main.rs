@@ -14,5 +14,6 @@ mod lifecycle;
 mod memory;
 mod outages;
 mod partitions;
+mod scrape;
 
 mod transport;
