@@ -63,8 +63,8 @@ ensure_prometheus() {
     systemctl disable --now prometheus.service
   else
     # No systemd: invoke-rc.d may have started the SysV script (unless policy-rc.d denied it).
-    /etc/init.d/prometheus stop
-    update-rc.d prometheus disable
+    /etc/init.d/prometheus stop || true
+    update-rc.d prometheus disable || true
   fi
 }
 
