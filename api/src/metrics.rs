@@ -25,6 +25,8 @@ pub struct ApiMetrics {
     pub cache: IntCounterVec,
     /// Outbox rows waiting to be published (counted by the background check, `samples`).
     pub outbox_backlog: IntGauge,
+    /// Seconds the oldest unpublished outbox row has waited (0 when none; same check).
+    pub outbox_oldest_age: IntGauge,
     /// Messages Kafka acknowledged.
     pub outbox_published: IntCounter,
     /// Messages Kafka did not acknowledge (retried).
@@ -91,6 +93,10 @@ impl ApiMetrics {
                 &["operation", "result"],
             ),
             outbox_backlog: r.gauge("outbox_backlog", "Outbox rows not yet published (counted once a second)"),
+            outbox_oldest_age: r.gauge(
+                "outbox_oldest_age_seconds",
+                "Whole seconds the oldest unpublished outbox row has waited (0 when none; sampled once a second)",
+            ),
             outbox_published: r.counter("outbox_published_total", "Outbox messages acknowledged by Kafka"),
             outbox_failed: r
                 .counter("outbox_publish_failures_total", "Outbox messages Kafka did not acknowledge (retried)"),

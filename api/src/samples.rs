@@ -48,7 +48,7 @@ pub struct Samples {
 }
 
 impl Samples {
-    /// PostgreSQL: `SELECT count(*) FROM outbox` answered (which also gives the backlog gauge).
+    /// PostgreSQL: the outbox's size and oldest row's age came back (the backlog gauges).
     pub fn postgres(&self) -> Option<Sample> {
         read(&self.postgres)
     }
@@ -99,14 +99,33 @@ async fn timed(check: impl Future<Output = Result<(), String>>) -> Sample {
     Sample { result, taken: Instant::now(), latency: started.elapsed() }
 }
 
+#[derive(diesel::QueryableByName)]
+struct Backlog {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    rows: i64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    oldest_age_seconds: f64,
+}
+
+/// The outbox's size and its oldest row's age, by the database's clock (the rows' `created_at` is
+/// the database's too).
+const BACKLOG: &str = "SELECT count(*) AS rows, \
+     coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8 AS oldest_age_seconds \
+     FROM outbox";
+
 async fn postgres(state: &AppState) -> Result<(), String> {
-    let count = diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::BigInt>("(SELECT count(*) FROM outbox)"));
     let backlog = state
         .db
-        .run(|conn| Box::pin(async move { Ok::<_, anyhow::Error>(count.get_result::<i64>(conn).await?) }))
+        .run(|conn| {
+            Box::pin(
+                async move { Ok::<_, anyhow::Error>(diesel::sql_query(BACKLOG).get_result::<Backlog>(conn).await?) },
+            )
+        })
         .await
         .map_err(|err| format!("{err:#}"))?;
-    state.metrics.outbox_backlog.set(backlog);
+    state.metrics.outbox_backlog.set(backlog.rows);
+    // Whole seconds: an alert threshold is minutes.
+    state.metrics.outbox_oldest_age.set(backlog.oldest_age_seconds.max(0.0) as i64);
     Ok(())
 }
 

@@ -96,3 +96,24 @@ async fn beyond_max_inflight_requests_the_answer_is_503_with_retry_after() {
     app.wait_for_in_flight(0).await;
     assert_eq!(app.get("/api/v1/users").await.0, 200, "the slot is free again");
 }
+
+/// The outbox gauges come from the background check: with Kafka unreachable a created user's
+/// message waits, and `/metrics` shows the backlog and its oldest row's age growing (by the
+/// database's clock), without a query per scrape.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_outbox_backlog_and_its_oldest_rows_age_are_sampled() {
+    let unreachable = format!("127.0.0.1:{}", testkit::closed_port());
+    let app = spawn_app_with(&[("KAFKA_BROKERS", &unreachable)]).await;
+    app.create_user(&unique_email("backlog")).await;
+    let gauge = |text: &str, name: &str| -> Option<i64> {
+        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    };
+    let age =
+        testkit::eventually("the oldest row to be 2 s old in /metrics", std::time::Duration::from_secs(15), || async {
+            let text = app.client.get(app.url("/metrics")).send().await.ok()?.text().await.ok()?;
+            let (backlog, age) = (gauge(&text, "outbox_backlog")?, gauge(&text, "outbox_oldest_age_seconds")?);
+            (backlog >= 1 && age >= 2).then_some(age)
+        })
+        .await;
+    assert!(age < 15, "{age} s: older than the test");
+}
