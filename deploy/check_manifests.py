@@ -490,6 +490,20 @@ def check_keda(optional, deployments, provided):
                         fail(f"{file}: TriggerAuthentication {reference} reads {env['name']}, which {target} does not have")
 
 
+def check_pod_monitors(optional, templates):
+    """Each optional PodMonitor selects the api's and the worker's pods, on a port they declare."""
+    for file, monitor in by_kind(optional, "PodMonitor").values():
+        selector = monitor["spec"]["selector"]
+        selected = {name for name, (_, template) in templates.items() if selector_matches(selector, template["metadata"]["labels"])}
+        for wanted in ("highload-api", "highload-worker"):
+            if wanted not in selected:
+                fail(f"{file}: PodMonitor {monitor['metadata']['name']} does not select {wanted}'s pods")
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            for name in sorted(selected):
+                if endpoint["port"] not in {port for port, _, _ in container_ports(templates[name][1])}:
+                    fail(f"{file}: PodMonitor scrapes port {endpoint['port']}, which {name} does not declare")
+
+
 def check_secrets_committed(documents):
     for file, _ in by_kind(documents, "Secret").values():
         if file != "kustomization.yaml":
@@ -636,6 +650,7 @@ def check(model):
             fail(f"env.example does not document {key}")
 
     check_keda(optional, deployments, provided)
+    check_pod_monitors(optional, templates)
     return list(dict.fromkeys(errors))
 
 
@@ -752,7 +767,15 @@ def self_test():
         peer = doc(m, "NetworkPolicy", "kafka-from-keda")["spec"]["ingress"][0]["from"][0]
         peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] = "keda-system"
 
+    def monitor_misses_worker(m):
+        doc(m, "PodMonitor", "highload-microservice")["spec"]["selector"]["matchExpressions"][0]["values"] = ["highload-api"]
+
+    def monitor_wrong_port(m):
+        doc(m, "PodMonitor", "highload-microservice")["spec"]["podMetricsEndpoints"][0]["port"] = "metrics"
+
     cases = [
+        (monitor_misses_worker, "does not select highload-worker's pods"),
+        (monitor_wrong_port, "scrapes port metrics, which highload-api does not declare"),
         (no_selector_match, "NetworkPolicy highload-api selects no pod"),
         (undeclared_ingress_port, "opens port cache, which is not a port of redis"),
         (undeclared_egress_port, "lets traffic out to port 5433, which is not a port of postgres"),

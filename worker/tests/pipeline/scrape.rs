@@ -106,3 +106,118 @@ async fn prometheus_scrapes_the_api_and_the_worker_and_evaluates_the_alert_rules
     worker.stop().await;
     std::fs::remove_dir_all(&directory).unwrap();
 }
+
+/// The Grafana dashboard (deploy/grafana/) only names metrics the binaries really export: after some
+/// traffic, every metric name in every panel's query shows in a live `/metrics` of the api or the
+/// worker (label sets appear once used, so the test drives each path the dashboard shows).
+#[tokio::test(flavor = "multi_thread")]
+async fn every_dashboard_query_names_metrics_the_binaries_export() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/highload-microservice.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut wanted = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            wanted.extend(metric_names(target["expr"].as_str().unwrap()));
+        }
+    }
+    assert!(wanted.len() > 15, "{wanted:?}");
+
+    let stack = Stack::start(&[("RATE_LIMIT_RPS", "1000")]).await;
+    let worker = stack.start_worker().await;
+    let user = stack.create_user().await;
+    stack.get(&format!("/api/v1/users/{user}")).await;
+    stack.get(&format!("/api/v1/users/{user}")).await;
+    stack.post_event(&user, "dashboard").await;
+    stack.wait_until_drained(Duration::from_secs(60)).await;
+    // The worker samples its lag every 10 s; everything else is there after the traffic above.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        let mut exported = std::collections::BTreeSet::new();
+        for base in [stack.url(""), format!("http://{}", worker.http)] {
+            let text = stack.client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+            let names =
+                text.lines().filter(|line| !line.starts_with('#')).filter_map(|line| line.split(['{', ' ']).next());
+            exported.extend(names.map(str::to_owned));
+        }
+        let missing: Vec<_> = wanted.iter().filter(|name| !exported.contains(*name)).cloned().collect();
+        if missing.is_empty() || tokio::time::Instant::now() >= deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(missing.is_empty(), "the dashboard reads metrics no binary exports: {missing:?}");
+    worker.stop().await;
+}
+
+/// The metric names a PromQL expression reads: identifiers that are not functions (followed by `(`),
+/// keywords, or label names (inside `{…}`, or the list after `by`/`without`), and not durations.
+fn metric_names(expr: &str) -> Vec<String> {
+    const KEYWORDS: [&str; 23] = [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        // Aggregations, which may be followed by `by (…)` rather than their `(`.
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+    ];
+    let mut names = Vec::new();
+    let (bytes, mut index, mut after_grouping) = (expr.as_bytes(), 0, false);
+    while index < bytes.len() {
+        match bytes[index] {
+            b'{' | b'[' | b'"' => {
+                let close = match bytes[index] {
+                    b'{' => b'}',
+                    b'[' => b']',
+                    _ => b'"',
+                };
+                index += 1 + bytes[index + 1..].iter().position(|&b| b == close).unwrap_or(bytes.len());
+            }
+            b'(' if after_grouping => {
+                index += bytes[index..].iter().position(|&b| b == b')').unwrap_or(bytes.len());
+                after_grouping = false;
+            }
+            byte if byte.is_ascii_alphabetic() || byte == b'_' => {
+                let start = index;
+                while index < bytes.len()
+                    && (bytes[index].is_ascii_alphanumeric() || matches!(bytes[index], b'_' | b':'))
+                {
+                    index += 1;
+                }
+                let word = &expr[start..index];
+                let next = expr[index..].trim_start().chars().next();
+                after_grouping = matches!(word, "by" | "without" | "on" | "ignoring");
+                if next != Some('(') && !KEYWORDS.contains(&word) {
+                    names.push(word.to_owned());
+                }
+                continue;
+            }
+            _ => {}
+        }
+        index += 1;
+    }
+    names
+}
+
+#[test]
+fn metric_names_skip_functions_labels_and_keywords() {
+    let expr = r#"histogram_quantile(0.99, sum by (le, route) (rate(http_request_duration_seconds_bucket{route!~"/x"}[5m]))) / sum(max by (partition) (kafka_consumer_lag)) and on(job) up"#;
+    assert_eq!(metric_names(expr), ["http_request_duration_seconds_bucket", "kafka_consumer_lag", "up"]);
+}
