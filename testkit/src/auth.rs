@@ -222,13 +222,18 @@ pub fn all_scopes_headers() -> hyper::HeaderMap {
     bearer_headers(&token(ALL_SCOPES))
 }
 
-/// Waits (up to 10 s) until the api at `base_url` has loaded its issuer's keys, whatever else its
-/// readiness says: requests before that get 503.
+/// Waits (up to 10 s) until the api at `base_url` has loaded its issuer's keys and finished its first
+/// PostgreSQL check, whatever that check found: before, requests get 503 and readiness says nothing yet.
 pub async fn wait_for_keys(base_url: &str) {
     let url = format!("{base_url}/health/ready");
-    crate::eventually("the api to load its JWKS", std::time::Duration::from_secs(10), || async {
-        let body = reqwest::get(&url).await.ok()?.text().await.ok()?;
-        (!body.contains("JWK Set is not loaded")).then_some(())
-    })
+    crate::eventually(
+        "the api to load its JWKS and check PostgreSQL once",
+        std::time::Duration::from_secs(10),
+        || async {
+            let body = reqwest::get(&url).await.ok()?.text().await.ok()?;
+            // Ready, or not ready for a reason the test may want (PostgreSQL down): not merely starting.
+            (!body.contains("JWK Set is not loaded") && !body.contains("not checked yet")).then_some(())
+        },
+    )
     .await;
 }
