@@ -21,7 +21,7 @@ pub type Work<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
 /// The server's `statement_timeout` cannot help when the server hangs (a frozen process still
 /// acknowledges TCP) or the route drops packets silently (TCP gives up only after
 /// `tcp_user_timeout`): a query then waits with its pool slot held. So every unit of work gets
-/// [`DbPool::deadline`], and a connection whose work did not finish — past the deadline, or
+/// a deadline (`DB_STATEMENT_TIMEOUT_MS` + 1 s), and a connection whose work did not finish — past the deadline, or
 /// abandoned because the caller gave up (a request timeout) — is never handed out again: the
 /// next caller would wait on the same dead connection.
 #[derive(Clone)]
@@ -45,7 +45,7 @@ pub enum Unavailable {
 }
 
 impl DbPool {
-    /// Runs `work` on a pooled connection within [`DbPool::deadline`].
+    /// Runs `work` on a pooled connection within its deadline.
     pub async fn run<T, E, F>(&self, work: F) -> Result<T, E>
     where
         E: From<Unavailable>,
@@ -61,12 +61,6 @@ impl DbPool {
             .map_err(|_| Unavailable::Deadline(self.deadline))?;
         checkout.finished = true;
         result
-    }
-
-    /// How long one unit of work may take: `DB_STATEMENT_TIMEOUT_MS` plus a second, so that the
-    /// server cancels a slow statement (a clear error) before the client gives up on the connection.
-    pub fn deadline(&self) -> Duration {
-        self.deadline
     }
 
     /// Connections open and idle.
@@ -112,6 +106,8 @@ pub fn build(config: &DatabaseConfig, application_name: &str) -> anyhow::Result<
         .test_on_check_out(false)
         .idle_timeout(Some(Duration::from_secs(300)))
         .build_unchecked(manager);
+    // `DB_STATEMENT_TIMEOUT_MS` plus a second, so that the server cancels a slow statement (a clearer
+    // error) before the client gives up on the connection.
     Ok(DbPool { pool, deadline: config.statement_timeout + Duration::from_secs(1) })
 }
 

@@ -105,7 +105,7 @@ impl Relay {
                     last_epoch = Some(lease.epoch());
                     tracing::info!(epoch = lease.epoch(), "this replica now publishes the outbox");
                     self.metrics.outbox_publishing.set(1);
-                    let ended = self.publish(conn, lease, &mut stop).await;
+                    let ended = self.publish(conn, lease, timings, &mut stop).await;
                     self.metrics.outbox_publishing.set(0);
                     ended.map(Some)
                 }
@@ -153,9 +153,9 @@ impl Relay {
         &mut self,
         conn: &mut AsyncPgConnection,
         mut lease: Lease,
+        timings: Timings,
         stop: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<Ended> {
-        let timings = Timings::new(self.config.outbox.takeover_timeout);
         let mut in_flight: VecDeque<Batch> = VecDeque::new();
         let mut kafka_backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
         let mut resume_sending = Instant::now();
