@@ -7,6 +7,7 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::{AnsiTransactionManager, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, TransactionManager};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::future::BoxFuture;
+use tracing::Instrument;
 
 use crate::http::error::ApiError;
 
@@ -113,7 +114,8 @@ where
     F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T, ApiError>> + Send + 'static,
 {
     let pool = pool.clone();
-    tokio::spawn(async move { pool.run(work).await })
+    // In the request's span, so that the write shows in its trace.
+    tokio::spawn(async move { pool.run(work).await }.in_current_span())
         .await
         .map_err(|err| ApiError::Internal(anyhow::Error::new(err).context("database task failed")))?
 }

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::bail;
+use anyhow::anyhow;
 use api::{App, db};
 use common::config::{AuthConfig, Config};
 use common::{shutdown, telemetry};
@@ -21,13 +21,17 @@ async fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let config = Config::from_env()?;
-    telemetry::init(&config.log)?;
-    match std::env::args().nth(1).as_deref() {
+    let telemetry = telemetry::init(&config.log, &config.traces, "highload-api")?;
+    let result = match std::env::args().nth(1).as_deref() {
         Some("migrate") => db::migrate(&config.database).await,
-        None | Some("serve") => {
-            let auth = AuthConfig::from_env()?;
-            App::build(config, &auth).await?.run_until_stopped(shutdown::signal_received()).await
-        }
-        Some(other) => bail!("unknown command {other:?}: expected `serve` (the default) or `migrate`"),
-    }
+        None | Some("serve") => serve(config).await,
+        Some(other) => Err(anyhow!("unknown command {other:?}: expected `serve` (the default) or `migrate`")),
+    };
+    telemetry.shutdown().await;
+    result
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let auth = AuthConfig::from_env()?;
+    App::build(config, &auth).await?.run_until_stopped(shutdown::signal_received()).await
 }

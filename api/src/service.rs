@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use common::traces;
 use http::Request;
 use hyper::body::Incoming;
 use tracing::Instrument;
@@ -17,6 +18,7 @@ use crate::http::error::ApiError;
 use crate::http::query::Pagination;
 use crate::http::response::HttpResponse;
 use crate::idempotency::{self, Idempotent};
+use crate::outbox::Origin;
 use crate::ratelimit::client_address::client_address;
 use crate::routes::{Endpoint, RouteMatch};
 use crate::state::AppState;
@@ -35,16 +37,35 @@ pub async fn handle(state: AppState, peer: IpAddr, request: Request<Incoming>) -
         RouteMatch::MethodNotAllowed { template, .. } => (None, *template),
         RouteMatch::NotFound => (None, "unmatched"),
     };
-    let span = tracing::info_span!(
-        "request",
-        request_id = %request_id,
-        http.method = %method,
-        http.route = template,
-        client_id = tracing::field::Empty,
-    );
+    // Probes and scrapes are never refused (an overloaded pod is alive, and operators need its
+    // metrics) nor traced (a trace per probe would bury the requests).
+    let exempt = template.starts_with("/health") || template == "/metrics" || template == "/openapi.json";
+    macro_rules! request_span {
+        ($target:literal) => {
+            tracing::info_span!(
+                target: $target,
+                "request",
+                request_id = %request_id,
+                http.method = %method,
+                http.route = template,
+                client_id = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+                otel.name = tracing::field::Empty,
+                otel.kind = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        };
+    }
+    let span = if exempt { request_span!("api::probe") } else { request_span!("api::request") };
+    if traces::is_on() && !exempt {
+        span.record("otel.name", format!("{method} {template}"));
+        span.record("otel.kind", "server");
+        let headers = request.headers();
+        traces::continue_trace(&span, |name| headers.get(name).and_then(|value| value.to_str().ok()));
+    }
     async {
-        // Probes and scrapes are never refused: an overloaded pod is alive, and operators need its metrics.
-        let exempt = template.starts_with("/health") || template == "/metrics" || template == "/openapi.json";
         let permit = if exempt { None } else { state.in_flight.try_acquire().ok() };
         let result = if permit.is_none() && !exempt {
             state.metrics.http_rejected.inc();
@@ -60,12 +81,16 @@ pub async fn handle(state: AppState, peer: IpAddr, request: Request<Incoming>) -
         let mut response = result.unwrap_or_else(|err| err.into_response(request_id));
         response.headers_mut().insert(common::request_id::HEADER, request_id_header.clone());
         let elapsed = started.elapsed();
-        state.metrics.observe_request(endpoint, template, method.as_str(), response.status().as_u16(), elapsed);
-        tracing::info!(
-            http.status = response.status().as_u16(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            "request completed"
-        );
+        let status = response.status().as_u16();
+        state.metrics.observe_request(endpoint, template, method.as_str(), status, elapsed);
+        if traces::is_on() {
+            let span = tracing::Span::current();
+            span.record("http.response.status_code", status);
+            if status >= 500 {
+                traces::record_error(&span);
+            }
+        }
+        tracing::info!(http.status = status, duration_ms = elapsed.as_secs_f64() * 1000.0, "request completed");
         response
     }
     .instrument(span)
@@ -190,14 +215,16 @@ async fn run_write(
     {
         return Ok(replay);
     }
+    // Inside the request's span: its trace context goes with the messages the write causes.
+    let origin = &Origin::of_request(request_id);
     match endpoint {
-        Endpoint::CreateUser => users::create(state, request_id, parse_json(body)?, idempotent).await,
+        Endpoint::CreateUser => users::create(state, origin, parse_json(body)?, idempotent).await,
         Endpoint::UpdateUser => {
             let id = parse_id(id)?;
-            users::update(state, request_id, id, parse_json(body)?, idempotent).await
+            users::update(state, origin, id, parse_json(body)?, idempotent).await
         }
-        Endpoint::DeleteUser => users::delete(state, request_id, parse_id(id)?, idempotent).await,
-        Endpoint::CreateEvent => events::create(state, request_id, parse_json(body)?, idempotent).await,
+        Endpoint::DeleteUser => users::delete(state, origin, parse_id(id)?, idempotent).await,
+        Endpoint::CreateEvent => events::create(state, origin, parse_json(body)?, idempotent).await,
         other => Err(ApiError::Internal(anyhow::anyhow!("{other:?} is not a write"))),
     }
 }

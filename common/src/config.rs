@@ -54,6 +54,13 @@
 //! - `RATE_LIMIT_RPS` [0 = off], `RATE_LIMIT_BURST` [= RATE_LIMIT_RPS]: the api's per-client limit;
 //!   `TRUSTED_PROXIES` [none]: comma-separated CIDRs whose `X-Forwarded-For` names the client.
 //!
+//! - Traces (SPEC §11), only from OpenTelemetry's standard variables: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+//!   (used as is) or `OTEL_EXPORTER_OTLP_ENDPOINT` (http/protobuf: `/v1/traces` appended) [none: no
+//!   tracing at all]; `OTEL_EXPORTER_OTLP_PROTOCOL` (or `…_TRACES_PROTOCOL`) [http/protobuf|grpc];
+//!   `OTEL_SERVICE_NAME` [highload-api, highload-worker]; `OTEL_TRACES_SAMPLER` [parentbased_always_on]
+//!   and `OTEL_TRACES_SAMPLER_ARG` [1.0]; `OTEL_SDK_DISABLED` [false]. The exporter itself also honours
+//!   `OTEL_EXPORTER_OTLP_HEADERS`, `…_TIMEOUT` and `…_COMPRESSION`.
+//!
 //! The api alone also reads [`AuthConfig`] (SPEC §8), so the worker never needs an issuer:
 //! - `AUTH_MODE` [jwt|none]; with `jwt`, `AUTH_ISSUER`, `AUTH_AUDIENCE` and one of `AUTH_JWKS_URL`
 //!   (http or https) or `AUTH_JWKS_FILE` are required.
@@ -101,6 +108,114 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// The api's per-client rate limit.
     pub rate_limit: RateLimitConfig,
+    /// Trace export (SPEC §11).
+    pub traces: TracesConfig,
+}
+
+/// Where and how spans are exported (SPEC §11); `export` is `None` when no endpoint is set or
+/// `OTEL_SDK_DISABLED` is true: then nothing is traced at all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracesConfig {
+    /// The exporter, when traces are on.
+    pub export: Option<TraceExport>,
+}
+
+/// An OTLP exporter's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceExport {
+    /// The traces endpoint itself (for http/protobuf, the URL spans are POSTed to).
+    pub endpoint: String,
+    /// The wire protocol.
+    pub protocol: OtlpProtocol,
+    /// `OTEL_SERVICE_NAME`; `None`: the binary's own name (`highload-api`, `highload-worker`).
+    pub service_name: Option<String>,
+    /// Which traces are recorded.
+    pub sampler: TraceSampler,
+}
+
+/// `OTEL_EXPORTER_OTLP_PROTOCOL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// `http/protobuf` (the default).
+    HttpProtobuf,
+    /// `grpc`.
+    Grpc,
+}
+
+/// `OTEL_TRACES_SAMPLER` with its argument.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TraceSampler {
+    /// `parentbased_*`: a span with a parent is recorded exactly when its parent was.
+    pub parent_based: bool,
+    /// The share of the other traces that are recorded: 1 (`always_on`), 0 (`always_off`) or
+    /// `OTEL_TRACES_SAMPLER_ARG` (`traceidratio`).
+    pub ratio: f64,
+}
+
+impl TracesConfig {
+    fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
+        // Every value is checked, used or not, so that a typo shows at once rather than on the day
+        // an endpoint is set.
+        let disabled = env.bool("OTEL_SDK_DISABLED", false)?;
+        let sampler = TraceSampler::from_env(env)?;
+        let protocol_var = match env.optional("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
+            Some(_) => "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            None => "OTEL_EXPORTER_OTLP_PROTOCOL",
+        };
+        let protocol = match env.optional(protocol_var).as_deref().map(str::trim) {
+            None | Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+            Some("grpc") => OtlpProtocol::Grpc,
+            Some(other) => return Err(env.invalid(protocol_var, format!("{other:?} is not http/protobuf or grpc"))),
+        };
+        let (var, endpoint) = match (env.optional("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), protocol) {
+            (Some(endpoint), _) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.trim().to_owned()),
+            (None, protocol) => match (env.optional("OTEL_EXPORTER_OTLP_ENDPOINT"), protocol) {
+                (None, _) => return Ok(Self { export: None }),
+                (Some(base), OtlpProtocol::HttpProtobuf) => {
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("{}/v1/traces", base.trim().trim_end_matches('/')))
+                }
+                (Some(base), OtlpProtocol::Grpc) => ("OTEL_EXPORTER_OTLP_ENDPOINT", base.trim().to_owned()),
+            },
+        };
+        match endpoint.parse::<http::Uri>() {
+            Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
+            _ => return Err(env.invalid(var, format!("{endpoint:?} is not an http:// or https:// URL"))),
+        }
+        if protocol == OtlpProtocol::Grpc && endpoint.starts_with("https:") {
+            return Err(env.invalid(var, "gRPC export is plain text here; use http/protobuf for https".into()));
+        }
+        let service_name = env.optional("OTEL_SERVICE_NAME").map(|name| name.trim().to_owned());
+        Ok(Self { export: (!disabled).then_some(TraceExport { endpoint, protocol, service_name, sampler }) })
+    }
+}
+
+impl TraceSampler {
+    fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let sampler = env.optional("OTEL_TRACES_SAMPLER").map(|raw| raw.trim().to_owned());
+        let sampler = sampler.as_deref().unwrap_or("parentbased_always_on");
+        let (parent_based, rule) = match sampler.strip_prefix("parentbased_") {
+            Some(rule) => (true, rule),
+            None => (false, sampler),
+        };
+        let ratio = match rule {
+            "always_on" => 1.0,
+            "always_off" => 0.0,
+            "traceidratio" => match env.parse::<f64>("OTEL_TRACES_SAMPLER_ARG", 1.0)? {
+                ratio if (0.0..=1.0).contains(&ratio) => ratio,
+                other => return Err(env.invalid("OTEL_TRACES_SAMPLER_ARG", format!("{other} is not between 0 and 1"))),
+            },
+            _ => {
+                return Err(env.invalid(
+                    "OTEL_TRACES_SAMPLER",
+                    format!(
+                        "{sampler:?} is not always_on, always_off, traceidratio, parentbased_always_on, \
+                         parentbased_always_off or parentbased_traceidratio"
+                    ),
+                ));
+            }
+        };
+        Ok(Self { parent_based, ratio })
+    }
 }
 
 /// Highest `RATE_LIMIT_RPS`.
@@ -467,6 +582,7 @@ impl Config {
                 }
             },
             rate_limit: RateLimitConfig::from_env(&env)?,
+            traces: TracesConfig::from_env(&env)?,
             worker: WorkerConfig {
                 http_port: env.parse("WORKER_HTTP_PORT", 8081)?,
                 concurrency: env.parse("WORKER_CONCURRENCY", NonZeroU32::new(16).expect("non-zero"))?,
@@ -807,11 +923,51 @@ mod tests {
             ("IDEMPOTENCY_TTL", "0"),
             ("IDEMPOTENCY_TTL", "1d"),
             ("IDEMPOTENCY_TTL", "31536001"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "thrift"),
+            ("OTEL_TRACES_SAMPLER", "sometimes"),
+            ("OTEL_TRACES_SAMPLER_ARG", "half"),
+            ("OTEL_SDK_DISABLED", "perhaps"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "ftp://collector/v1/traces"),
         ] {
             let err = config(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);
             assert!(err.to_string().starts_with(&format!("invalid value for {var}:")), "{err}");
         }
+    }
+
+    #[test]
+    fn traces_follow_the_standard_variables() {
+        assert_eq!(config(&[]).unwrap().traces.export, None, "no endpoint: no tracing");
+        let base = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")];
+        let export = config(&base).unwrap().traces.export.unwrap();
+        assert_eq!(export.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(export.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(export.sampler, TraceSampler { parent_based: true, ratio: 1.0 });
+        assert_eq!(export.service_name, None);
+        let grpc = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ]);
+        assert_eq!(grpc.unwrap().traces.export.unwrap().endpoint, "http://collector:4317");
+        let own = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://ignored:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://collector.example/otlp/traces"),
+            ("OTEL_SERVICE_NAME", "edge-api"),
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+        ]);
+        let own = own.unwrap().traces.export.unwrap();
+        assert_eq!(own.endpoint, "https://collector.example/otlp/traces");
+        assert_eq!(own.service_name.as_deref(), Some("edge-api"));
+        assert_eq!(own.sampler, TraceSampler { parent_based: false, ratio: 0.25 });
+        let disabled = config(&[base[0], ("OTEL_SDK_DISABLED", "true")]).unwrap();
+        assert_eq!(disabled.traces.export, None);
+        let tls_grpc = [("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
+        assert_eq!(config(&tls_grpc).unwrap_err().var, "OTEL_EXPORTER_OTLP_ENDPOINT");
+        let ratio = [base[0], ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "1.5")];
+        assert_eq!(config(&ratio).unwrap_err().var, "OTEL_TRACES_SAMPLER_ARG");
     }
 
     #[test]

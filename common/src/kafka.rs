@@ -31,6 +31,8 @@ pub mod headers {
     pub const REQUEST_ID: &str = "request-id";
     /// On dead-lettered messages: why.
     pub const ERROR: &str = "error";
+    /// The W3C trace context of the request that caused the event (SPEC §11), when traced.
+    pub use crate::traces::headers::{TRACEPARENT, TRACESTATE};
 }
 
 /// Types of the events the api emits itself for user changes. Clients cannot use them.

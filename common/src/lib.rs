@@ -6,7 +6,7 @@
 //! - [`kafka`]: the message on the events topic, client settings, topic creation.
 //! - [`pool`]: the PostgreSQL connection pool both binaries use, its connections opened by
 //!   [`postgres`] (TLS through [`tls`]); [`metrics`]: Prometheus plumbing.
-//! - [`telemetry`]: log subscriber; [`shutdown`]: termination signals; [`backoff`]: retry delays.
+//! - [`telemetry`]: log subscriber; [`traces`]: spans exported over OTLP (SPEC §11); [`shutdown`]: termination signals; [`backoff`]: retry delays.
 
 pub mod backoff;
 pub mod config;
@@ -19,4 +19,5 @@ pub mod request_id;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod traces;
 pub mod wire;

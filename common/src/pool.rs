@@ -7,6 +7,7 @@ use std::time::Duration;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, PoolError};
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
+use tracing::Instrument;
 
 use crate::config::DatabaseConfig;
 use crate::postgres::Connector;
@@ -47,6 +48,19 @@ pub enum Unavailable {
 impl DbPool {
     /// Runs `work` on a pooled connection within its deadline.
     pub async fn run<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        E: From<Unavailable>,
+        F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> Work<'c, Result<T, E>>,
+    {
+        let span = crate::traces::postgres();
+        let result = self.run_in_span(work).instrument(span.clone()).await;
+        if result.is_err() {
+            crate::traces::record_error(&span);
+        }
+        result
+    }
+
+    async fn run_in_span<T, E, F>(&self, work: F) -> Result<T, E>
     where
         E: From<Unavailable>,
         F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> Work<'c, Result<T, E>>,

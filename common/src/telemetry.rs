@@ -1,22 +1,61 @@
-//! Logging: one subscriber per process, JSON lines by default (SPEC §6).
+//! Logging (one subscriber per process, JSON lines by default: SPEC §6) and, when configured, trace
+//! export (see [`crate::traces`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{LogConfig, LogFormat, TracesConfig};
+use crate::traces::{self, Exporter};
 use anyhow::Context;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, Registry};
 
-/// Installs the global subscriber. Fails on a bad `LOG_LEVEL`, naming it.
-pub fn init(config: &LogConfig) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&config.level)
-        .with_context(|| format!("invalid value for LOG_LEVEL: {:?}", config.level))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
-    let result = match config.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
-        LogFormat::Text => builder.try_init(),
+/// What [`init`] installed; [`Telemetry::shutdown`] exports the spans still queued.
+pub struct Telemetry {
+    exporter: Option<Exporter>,
+}
+
+impl Telemetry {
+    /// Call once the process's work is done: exports what is left (a blocking call, run off the
+    /// async workers so that a gRPC export can still make progress on them).
+    pub async fn shutdown(self) {
+        if let Some(exporter) = self.exporter {
+            let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
+        }
+    }
+}
+
+/// Installs the global subscriber: log lines per `log`, spans to OTLP per `traces` (`service`
+/// names the binary when `OTEL_SERVICE_NAME` does not). Fails on a bad `LOG_LEVEL`, naming it.
+pub fn init(log: &LogConfig, traces: &TracesConfig, service: &'static str) -> anyhow::Result<Telemetry> {
+    let filter =
+        EnvFilter::try_new(&log.level).with_context(|| format!("invalid value for LOG_LEVEL: {:?}", log.level))?;
+    // Trace-only spans stay out of log lines, whatever LOG_LEVEL enables.
+    let filter = filter.and(filter_fn(|metadata| metadata.target() != traces::CHILD_TARGET));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
+    let logs = match log.format {
+        LogFormat::Json => {
+            fmt.json().flatten_event(true).with_current_span(true).with_span_list(false).with_filter(filter).boxed()
+        }
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
     };
-    result.map_err(|err| anyhow::anyhow!(err)).context("failed to install the log subscriber")
+    let mut layers = vec![logs];
+    let exporter = match &traces.export {
+        Some(export) => {
+            let (spans, exporter) = traces::exporter::<Registry>(export, service)?;
+            layers.push(spans.boxed());
+            Some(exporter)
+        }
+        None => None,
+    };
+    tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .map_err(|err| anyhow::anyhow!(err))
+        .context("failed to install the log subscriber")?;
+    Ok(Telemetry { exporter })
 }
 
 /// Lets through at most one log line per period: for failures a retry loop meets over and over

@@ -7,6 +7,7 @@
 pub mod auth;
 mod broker;
 mod netns;
+pub mod otlp;
 mod postgres;
 mod process;
 mod proxy;

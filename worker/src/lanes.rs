@@ -127,13 +127,22 @@ enum BatchOutcome {
 async fn apply_batch(context: &LaneContext, batch: &[Job], events: &[EventMessage]) -> BatchOutcome {
     let started = std::time::Instant::now();
     let refs: Vec<&EventMessage> = events.iter().collect();
+    // Each event's span covers the batch's work; the batch's database span sits under the first.
+    let spans: Vec<tracing::Span> = batch
+        .iter()
+        .zip(events)
+        .map(|(job, event)| {
+            let span = event_span(&job.message);
+            record_event(&span, event);
+            span
+        })
+        .collect();
     let mut backoff = Backoff::new(context.retry_backoff, MAX_BACKOFF);
     loop {
-        match effects::apply(&context.pool, &refs).await {
+        let first = spans.first().cloned().unwrap_or_else(tracing::Span::none);
+        match effects::apply(&context.pool, &refs).instrument(first).await {
             Ok(applied) => {
-                for ((job, event), applied) in batch.iter().zip(events).zip(applied) {
-                    let span = event_span(&job.message);
-                    record_event(&span, event);
+                for (((job, event), applied), span) in batch.iter().zip(events).zip(applied).zip(&spans) {
                     span.in_scope(|| finished(context, applied, started));
                     record_age(context, job, event, applied);
                 }
@@ -160,17 +169,29 @@ async fn handle(context: &LaneContext, job: &Job) -> Option<()> {
     process(context, job, &span).instrument(span.clone()).await
 }
 
-/// The span of one message's log lines: where it came from and the request that caused it.
+/// The span of one message (its log lines, and with traces on its span in the trace of the request
+/// that caused it): where it came from and that request.
 fn event_span(message: &OwnedMessage) -> tracing::Span {
     let request_id = header(message, headers::REQUEST_ID).unwrap_or_default();
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "event",
         kafka.partition = message.partition(),
         kafka.offset = message.offset(),
         request_id = %request_id,
         event.id = tracing::field::Empty,
         event.type = tracing::field::Empty,
-    )
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        otel.name = tracing::field::Empty,
+        otel.kind = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if common::traces::is_on() {
+        span.record("otel.name", format!("process {}", message.topic()));
+        span.record("otel.kind", "consumer");
+        common::traces::continue_trace(&span, |name| header(message, name));
+    }
+    span
 }
 
 fn record_event(span: &tracing::Span, event: &EventMessage) {
@@ -311,12 +332,8 @@ async fn sleep_unless_stopped(context: &LaneContext, period: Duration) -> Option
     }
 }
 
-/// A message header as text (lossy for non-UTF-8 values).
-pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
-    message
-        .headers()?
-        .iter()
-        .find(|header| header.key == name)
-        .and_then(|header| header.value)
-        .map(|value| String::from_utf8_lossy(value).into_owned())
+/// A message header that is text.
+pub fn header<'m>(message: &'m OwnedMessage, name: &str) -> Option<&'m str> {
+    let value = message.headers()?.iter().find(|header| header.key == name)?.value?;
+    std::str::from_utf8(value).ok()
 }

@@ -19,6 +19,11 @@ async fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let config = Config::from_env()?;
-    telemetry::init(&config.log)?;
-    Worker::build(config).await?.run_until_stopped(shutdown::signal_received()).await
+    let telemetry = telemetry::init(&config.log, &config.traces, "highload-worker")?;
+    let result = match Worker::build(config).await {
+        Ok(worker) => worker.run_until_stopped(shutdown::signal_received()).await,
+        Err(err) => Err(err),
+    };
+    telemetry.shutdown().await;
+    result
 }

@@ -21,13 +21,13 @@ use crate::state::AppState;
 /// `Idempotency-Key`, one transaction that also stores the answer).
 pub async fn create(
     state: &AppState,
-    request_id: &str,
+    origin: &outbox::Origin,
     request: CreateEventRequest,
     idempotent: Option<Idempotent>,
 ) -> Result<HttpResponse, ApiError> {
     let event = validate::new_event(request, state.config.events.max_data_bytes)?;
     let row = repo::new_row(event);
-    let message = outbox::client_event(&row, request_id)?;
+    let message = outbox::client_event(&row, origin)?;
     let written = idempotency::write(&state.db, idempotent, WithoutKey::OneStatement, move |conn| {
         Box::pin(async move {
             repo::insert_with_message(conn, &row, &message).await.map_err(unknown_user)?;

@@ -7,6 +7,7 @@ use common::db::schema::{events, user_event_stats, users};
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::validate::ValidEvent;
@@ -27,7 +28,8 @@ const INSERT_WITH_MESSAGE: &str = "
 WITH event AS (
     INSERT INTO events (id, user_id, type, data, created_at) VALUES ($1, $2, $3, $4, $5)
 )
-INSERT INTO outbox (event_id, user_id, event_type, payload, request_id) VALUES ($6, $7, $8, $9, $10)";
+INSERT INTO outbox (event_id, user_id, event_type, payload, request_id, traceparent, tracestate)
+    VALUES ($6, $7, $8, $9, $10, $11, $12)";
 
 /// A new pending event as it will be stored. Its `created_at` is taken here (at the precision
 /// PostgreSQL keeps), so that the outbox message can be built before the insert.
@@ -58,7 +60,7 @@ pub async fn insert_with_message(
         Bind::Timestamp(row.created_at),
     ];
     binds.extend(outbox::binds(message));
-    Prepared::new(INSERT_WITH_MESSAGE, binds).execute(conn).await.map(drop)
+    Prepared::new(INSERT_WITH_MESSAGE, binds).execute(conn).instrument(common::traces::outbox_insert()).await.map(drop)
 }
 
 /// The event with this id, if any.

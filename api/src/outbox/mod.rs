@@ -9,33 +9,55 @@ use common::db::models::{EventRow, NewOutboxRow, UserRow};
 use common::db::prepared::{Bind, Prepared};
 use common::db::schema::outbox;
 use common::kafka::{EventMessage, lifecycle};
+use common::traces::{self, TraceContext};
 use common::wire::User;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde_json::value::RawValue;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::http::error::ApiError;
 
+/// Where a message comes from: the request that caused it, by id and (with traces on) by trace
+/// context. Both travel with the message as Kafka headers (SPEC §4, §11).
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The request's `X-Request-ID`.
+    pub request_id: String,
+    /// The request span's W3C context, when traces are on.
+    pub trace: Option<TraceContext>,
+}
+
+impl Origin {
+    /// The request `request_id`, inside whose span this is called.
+    pub fn of_request(request_id: &str) -> Self {
+        Self { request_id: request_id.to_owned(), trace: traces::current() }
+    }
+}
+
 /// Appends one message to the outbox (call inside the transaction of the change it announces).
 pub async fn append(conn: &mut AsyncPgConnection, row: NewOutboxRow) -> Result<(), ApiError> {
-    diesel::insert_into(outbox::table).values(row).execute(conn).await?;
+    diesel::insert_into(outbox::table).values(row).execute(conn).instrument(traces::outbox_insert()).await?;
     Ok(())
 }
 
 /// The values of an outbox row in the column order `(event_id, user_id, event_type, payload,
-/// request_id)`, for statements that insert the row together with the change it announces.
-pub fn binds(message: &NewOutboxRow) -> [Bind<'_>; 5] {
+/// request_id, traceparent, tracestate)`, for statements that insert the row together with the
+/// change it announces.
+pub fn binds(message: &NewOutboxRow) -> [Bind<'_>; 7] {
     [
         Bind::Uuid(message.event_id),
         Bind::Uuid(message.user_id),
         Bind::Text(&message.event_type),
         Bind::Text(&message.payload),
         Bind::OptionalText(message.request_id.as_deref()),
+        Bind::OptionalText(message.traceparent.as_deref()),
+        Bind::OptionalText(message.tracestate.as_deref()),
     ]
 }
 
 /// The outbox row announcing a client event.
-pub fn client_event(event: &EventRow, request_id: &str) -> Result<NewOutboxRow, ApiError> {
+pub fn client_event(event: &EventRow, origin: &Origin) -> Result<NewOutboxRow, ApiError> {
     let data = RawValue::from_string(event.data.clone()).map_err(|err| ApiError::Internal(err.into()))?;
     row(
         EventMessage {
@@ -45,12 +67,12 @@ pub fn client_event(event: &EventRow, request_id: &str) -> Result<NewOutboxRow, 
             data,
             timestamp: event.created_at,
         },
-        request_id,
+        origin,
     )
 }
 
 /// The outbox row announcing `user_created` or `user_updated`; `data` is the user's fields.
-pub fn lifecycle_event(event_type: &str, user: &UserRow, request_id: &str) -> Result<NewOutboxRow, ApiError> {
+pub fn lifecycle_event(event_type: &str, user: &UserRow, origin: &Origin) -> Result<NewOutboxRow, ApiError> {
     let data =
         serde_json::value::to_raw_value(&User::from(user.clone())).map_err(|err| ApiError::Internal(err.into()))?;
     let message = EventMessage {
@@ -60,14 +82,14 @@ pub fn lifecycle_event(event_type: &str, user: &UserRow, request_id: &str) -> Re
         data,
         timestamp: user.updated_at,
     };
-    row(message, request_id)
+    row(message, origin)
 }
 
 /// The outbox row announcing `user_deleted`: its `data` is `{"id": …}` and nothing else (SPEC §9).
-pub fn user_deleted(user_id: Uuid, request_id: &str) -> Result<NewOutboxRow, ApiError> {
+pub fn user_deleted(user_id: Uuid, origin: &Origin) -> Result<NewOutboxRow, ApiError> {
     let data = id_only(user_id)?;
     let event_type = lifecycle::USER_DELETED.to_owned();
-    row(EventMessage { id: Uuid::now_v7(), user_id, event_type, data, timestamp: chrono::Utc::now() }, request_id)
+    row(EventMessage { id: Uuid::now_v7(), user_id, event_type, data, timestamp: chrono::Utc::now() }, origin)
 }
 
 /// Strips a deleted user's `user_created` and `user_updated` messages still waiting in the outbox down
@@ -89,12 +111,15 @@ fn id_only(user_id: Uuid) -> Result<Box<RawValue>, ApiError> {
     serde_json::value::to_raw_value(&serde_json::json!({ "id": user_id })).map_err(|err| ApiError::Internal(err.into()))
 }
 
-fn row(message: EventMessage, request_id: &str) -> Result<NewOutboxRow, ApiError> {
+fn row(message: EventMessage, origin: &Origin) -> Result<NewOutboxRow, ApiError> {
+    let trace = origin.trace.as_ref();
     Ok(NewOutboxRow {
         event_id: message.id,
         user_id: message.user_id,
         event_type: message.event_type.clone(),
         payload: serde_json::to_string(&message).map_err(|err| ApiError::Internal(err.into()))?,
-        request_id: Some(request_id.to_owned()),
+        request_id: Some(origin.request_id.clone()),
+        traceparent: trace.map(|trace| trace.traceparent.clone()),
+        tracestate: trace.and_then(|trace| trace.tracestate.clone()),
     })
 }

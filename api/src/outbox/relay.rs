@@ -294,9 +294,15 @@ impl Relay {
             let mut message_headers = OwnedHeaders::new()
                 .insert(Header { key: headers::CONTENT_TYPE, value: Some("application/json") })
                 .insert(Header { key: headers::EVENT_TYPE, value: Some(row.event_type.as_str()) });
-            if let Some(request_id) = &row.request_id {
-                message_headers =
-                    message_headers.insert(Header { key: headers::REQUEST_ID, value: Some(request_id.as_str()) });
+            let optional = [
+                (headers::REQUEST_ID, &row.request_id),
+                (headers::TRACEPARENT, &row.traceparent),
+                (headers::TRACESTATE, &row.tracestate),
+            ];
+            for (name, value) in optional {
+                if let Some(value) = value {
+                    message_headers = message_headers.insert(Header { key: name, value: Some(value.as_str()) });
+                }
             }
             let record = FutureRecord::to(topic).key(&key).payload(&row.payload).headers(message_headers);
             match self.producer.send_result(record) {

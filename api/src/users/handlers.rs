@@ -25,12 +25,12 @@ use crate::state::AppState;
 /// `Idempotency-Key`, one transaction that also stores the answer).
 pub async fn create(
     state: &AppState,
-    request_id: &str,
+    origin: &outbox::Origin,
     request: CreateUserRequest,
     idempotent: Option<Idempotent>,
 ) -> Result<HttpResponse, ApiError> {
     let row = repo::new_row(validate::new_user(request)?);
-    let message = outbox::lifecycle_event(lifecycle::USER_CREATED, &row, request_id)?;
+    let message = outbox::lifecycle_event(lifecycle::USER_CREATED, &row, origin)?;
     let written = idempotency::write(&state.db, idempotent, WithoutKey::OneStatement, move |conn| {
         Box::pin(async move {
             repo::insert_with_message(conn, &row, &message).await.map_err(email_conflict)?;
@@ -65,18 +65,18 @@ pub async fn get(state: &AppState, id: Uuid) -> Result<HttpResponse, ApiError> {
 /// response is the row as now stored.
 pub async fn update(
     state: &AppState,
-    request_id: &str,
+    origin: &outbox::Origin,
     id: Uuid,
     request: UpdateUserRequest,
     idempotent: Option<Idempotent>,
 ) -> Result<HttpResponse, ApiError> {
     let changes = validate::changes(request)?;
-    let request_id = request_id.to_owned();
+    let origin = origin.clone();
     let written = idempotency::write(&state.db, idempotent, WithoutKey::Transaction, move |conn| {
         Box::pin(async move {
             let row =
                 repo::update(conn, id, &changes).await.map_err(email_conflict)?.ok_or(ApiError::NotFound("user"))?;
-            outbox::append(conn, outbox::lifecycle_event(lifecycle::USER_UPDATED, &row, &request_id)?).await?;
+            outbox::append(conn, outbox::lifecycle_event(lifecycle::USER_UPDATED, &row, &origin)?).await?;
             let (version, body) = serialize(row);
             Ok((version, Answer::json(StatusCode::OK, body)))
         })
@@ -97,16 +97,16 @@ pub async fn update(
 /// not yet published, and its `user_deleted` event (the id only), in one transaction.
 pub async fn delete(
     state: &AppState,
-    request_id: &str,
+    origin: &outbox::Origin,
     id: Uuid,
     idempotent: Option<Idempotent>,
 ) -> Result<HttpResponse, ApiError> {
-    let request_id = request_id.to_owned();
+    let origin = origin.clone();
     let written = idempotency::write(&state.db, idempotent, WithoutKey::Transaction, move |conn| {
         Box::pin(async move {
             let row = repo::delete(conn, id).await?.ok_or(ApiError::NotFound("user"))?;
             outbox::forget_user(conn, id).await?;
-            outbox::append(conn, outbox::user_deleted(id, &request_id)?).await?;
+            outbox::append(conn, outbox::user_deleted(id, &origin)?).await?;
             Ok((row.version, Answer::no_content()))
         })
     })

@@ -7,6 +7,7 @@ use common::db::schema::users;
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::validate::{ValidChanges, ValidUser};
@@ -24,7 +25,8 @@ WITH created AS (
     INSERT INTO users (id, email, first_name, last_name, version, created_at, updated_at)
     VALUES ($1, $2, $3, $4, $5, $6, $7)
 )
-INSERT INTO outbox (event_id, user_id, event_type, payload, request_id) VALUES ($8, $9, $10, $11, $12)";
+INSERT INTO outbox (event_id, user_id, event_type, payload, request_id, traceparent, tracestate)
+    VALUES ($8, $9, $10, $11, $12, $13, $14)";
 
 /// A new user as it will be stored. Its timestamps are taken here (at the precision PostgreSQL
 /// keeps), so that the outbox message can be built before the insert.
@@ -58,7 +60,7 @@ pub async fn insert_with_message(
         Bind::Timestamp(row.updated_at),
     ];
     binds.extend(outbox::binds(message));
-    Prepared::new(INSERT_WITH_MESSAGE, binds).execute(conn).await.map(drop)
+    Prepared::new(INSERT_WITH_MESSAGE, binds).execute(conn).instrument(common::traces::outbox_insert()).await.map(drop)
 }
 
 /// The user with this id, if any.

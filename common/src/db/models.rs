@@ -74,6 +74,10 @@ pub struct NewOutboxRow {
     pub payload: String,
     /// The `request-id` header.
     pub request_id: Option<String>,
+    /// The `traceparent` header (SPEC §11).
+    pub traceparent: Option<String>,
+    /// The `tracestate` header.
+    pub tracestate: Option<String>,
 }
 
 /// A row of `outbox` as the relay reads it.
@@ -90,6 +94,10 @@ pub struct OutboxRow {
     pub payload: String,
     /// The `request-id` header.
     pub request_id: Option<String>,
+    /// The `traceparent` header (SPEC §11).
+    pub traceparent: Option<String>,
+    /// The `tracestate` header.
+    pub tracestate: Option<String>,
 }
 
 /// A row of `user_event_stats`.

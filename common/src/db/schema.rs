@@ -37,6 +37,8 @@ diesel::table! {
         payload -> Text,
         request_id -> Nullable<Text>,
         created_at -> Timestamptz,
+        traceparent -> Nullable<Text>,
+        tracestate -> Nullable<Text>,
     }
 }
 

@@ -68,11 +68,10 @@ async fn an_event_is_processed_end_to_end_and_its_message_matches_the_contract()
     // SPEC §4: key = user_id, JSON value with the seed's field names, the three headers.
     let reader = stack.reader(&stack.config.kafka.topic);
     // user_created precedes login on the user's partition.
-    let created =
-        read_until(&reader, DRAIN, |m| header(m, headers::EVENT_TYPE).as_deref() == Some("user_created")).await;
+    let created = read_until(&reader, DRAIN, |m| header(m, headers::EVENT_TYPE) == Some("user_created")).await;
     let created: Value = serde_json::from_slice(created.payload().unwrap()).unwrap();
     assert_eq!(created["data"]["id"], user.as_str());
-    let message = read_until(&reader, DRAIN, |m| header(m, headers::EVENT_TYPE).as_deref() == Some("login")).await;
+    let message = read_until(&reader, DRAIN, |m| header(m, headers::EVENT_TYPE) == Some("login")).await;
     assert_eq!(message.key(), Some(user.as_bytes()));
     let value: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
     assert_eq!(value["id"], event["id"]);
@@ -80,8 +79,8 @@ async fn an_event_is_processed_end_to_end_and_its_message_matches_the_contract()
     assert_eq!(value["type"], "login");
     assert_eq!(value["data"], "{\"action\": \"login\"}");
     assert_eq!(value["timestamp"], event["created_at"]);
-    assert_eq!(header(&message, headers::CONTENT_TYPE).as_deref(), Some("application/json"));
-    assert_eq!(header(&message, headers::REQUEST_ID).as_deref(), Some("e2e-request-1"));
+    assert_eq!(header(&message, headers::CONTENT_TYPE), Some("application/json"));
+    assert_eq!(header(&message, headers::REQUEST_ID), Some("e2e-request-1"));
 
     // Deleting the user removes its events and stats; nothing stale is served.
     let deleted = stack.client.delete(stack.url(&format!("/api/v1/users/{user}"))).send().await.unwrap();
@@ -105,7 +104,7 @@ async fn the_same_message_delivered_again_is_counted_once() {
 
     // Replay the event's exact message twice, as Kafka would after a crash or rebalance.
     let reader = stack.reader(&stack.config.kafka.topic);
-    let original = read_until(&reader, DRAIN, |m| header(m, headers::EVENT_TYPE).as_deref() == Some("login")).await;
+    let original = read_until(&reader, DRAIN, |m| header(m, headers::EVENT_TYPE) == Some("login")).await;
     let producer: FutureProducer = common::kafka::producer_config(&stack.config.kafka).create().unwrap();
     for _ in 0..2 {
         let record = FutureRecord::to(&stack.config.kafka.topic)
@@ -172,7 +171,7 @@ async fn poison_messages_are_dead_lettered_and_the_partition_keeps_moving() {
     let dlq = stack.reader(&stack.config.kafka.dlq_topic());
     let undecodable = read_until(&dlq, DRAIN, |m| m.payload() == Some(b"not json {".as_slice())).await;
     assert!(header(&undecodable, headers::ERROR).unwrap().starts_with("undecodable"));
-    let failed = read_until(&dlq, DRAIN, |m| header(m, headers::EVENT_TYPE).as_deref() == Some("poison")).await;
+    let failed = read_until(&dlq, DRAIN, |m| header(m, headers::EVENT_TYPE) == Some("poison")).await;
     assert!(header(&failed, headers::ERROR).unwrap().contains("poison event refused"), "error header");
     worker.stop().await;
 }

@@ -8,13 +8,24 @@ use serde_json::Value;
 
 use crate::helpers::Stack;
 
-/// Posts `per_user` events for each user, `concurrency` requests at a time; returns the expected
-/// per-user, per-type counts.
-async fn post_stream(stack: &Stack, users: &[String], per_user: usize) -> HashMap<(String, String), i64> {
+/// Posts events for every user, 16 at a time, round after round, until `stop` has been set for three
+/// whole rounds; returns how many of each type every user got.
+async fn post_until_after(
+    stack: &Stack,
+    users: &[String],
+    stop: &std::sync::atomic::AtomicBool,
+) -> HashMap<(String, String), i64> {
     let mut expected = HashMap::new();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(16));
     let mut tasks = Vec::new();
-    for n in 0..per_user {
+    let mut rounds_after_stop = 0;
+    for n in 0.. {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            rounds_after_stop += 1;
+            if rounds_after_stop > 3 {
+                break;
+            }
+        }
         for user in users {
             let event_type = format!("type{}", n % 4);
             *expected.entry((user.clone(), event_type.clone())).or_insert(0) += 1;
@@ -56,6 +67,9 @@ async fn a_worker_killed_mid_stream_and_restarted_processes_every_event_exactly_
     let mut worker = stack.spawn_worker_process();
     // Kill it in the middle, while events are still being posted: some processed, some not. (Waiting
     // for the stream to end first let a worker that keeps up finish everything before the kill.)
+    // The posting goes on for three rounds after the kill, so that some events are certainly left
+    // for the restarted worker however fast the first one was.
+    let killed = std::sync::atomic::AtomicBool::new(false);
     let kill_once_some_are_processed = async {
         testkit::eventually("the worker to process some events", Duration::from_secs(60), || async {
             (stack.processed_events().await > 0).then_some(())
@@ -63,10 +77,11 @@ async fn a_worker_killed_mid_stream_and_restarted_processes_every_event_exactly_
         .await;
         worker.start_kill().unwrap();
         worker.wait().await.unwrap();
+        killed.store(true, std::sync::atomic::Ordering::SeqCst);
     };
-    let (expected, ()) = tokio::join!(post_stream(&stack, &users, 150), kill_once_some_are_processed);
-    let pending_at_kill = stack.pending_events().await;
-    assert!(pending_at_kill > 0, "the kill came too late to test anything");
+    let (expected, ()) = tokio::join!(post_until_after(&stack, &users, &killed), kill_once_some_are_processed);
+    let pending_after_kill = stack.pending_events().await;
+    assert!(pending_after_kill > 0, "events posted after the kill must wait for the restarted worker");
 
     let mut restarted = stack.spawn_worker_process();
     stack.wait_until_drained(Duration::from_secs(120)).await;

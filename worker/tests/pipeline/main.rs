@@ -15,5 +15,6 @@ mod memory;
 mod outages;
 mod partitions;
 mod scrape;
+mod traces;
 
 mod transport;
