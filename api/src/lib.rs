@@ -38,7 +38,7 @@ use common::config::{AuthConfig, Config};
 use common::postgres::Connector;
 use tokio::net::TcpListener;
 
-use rdkafka::producer::FutureProducer;
+use common::kafka::KafkaProducer;
 use tokio::sync::watch;
 
 use crate::auth::Authenticator;
@@ -57,7 +57,7 @@ pub struct App {
     listener: TcpListener,
     state: AppState,
     /// The outbox relay's producer (the background Kafka check uses it too).
-    producer: FutureProducer,
+    producer: KafkaProducer,
 }
 
 impl App {
@@ -74,8 +74,8 @@ impl App {
         let cache = UserCache::new(redis.clone(), &config.redis, metrics.cache.clone());
         let rate_limiter = RateLimiter::new(&config.rate_limit, redis, &config.redis.key_prefix, &metrics);
         let db = db::pool(&config.database).context("invalid PostgreSQL configuration")?;
-        let producer: FutureProducer =
-            common::kafka::producer_config(&config.kafka).create().context("invalid Kafka producer configuration")?;
+        let producer: KafkaProducer =
+            common::kafka::producer(&config.kafka).context("invalid Kafka producer configuration")?;
         // Topics are created by whichever binary starts first; Kafka being down must not stop the api.
         let kafka = config.kafka.clone();
         tokio::spawn(async move {

@@ -6,8 +6,9 @@
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
+use common::kafka::KafkaProducer;
 use diesel_async::RunQueryDsl;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use tokio::sync::watch;
 
 use crate::state::AppState;
@@ -75,7 +76,7 @@ fn write(slot: &RwLock<Option<Sample>>, sample: Sample) {
 /// Checks every dependency each [`INTERVAL`] until `stop` turns true. `producer` is the relay's
 /// current producer (it replaces it after failures), so Kafka is checked through the very client
 /// that publishes.
-pub async fn run(state: AppState, producer: watch::Receiver<FutureProducer>, mut stop: watch::Receiver<bool>) {
+pub async fn run(state: AppState, producer: watch::Receiver<KafkaProducer>, mut stop: watch::Receiver<bool>) {
     let mut ticks = tokio::time::interval(INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -137,7 +138,7 @@ async fn redis(state: &AppState) -> Result<(), String> {
 }
 
 /// librdkafka's metadata call blocks, so it runs off the runtime.
-async fn kafka(state: &AppState, producer: FutureProducer) -> Result<(), String> {
+async fn kafka(state: &AppState, producer: KafkaProducer) -> Result<(), String> {
     let topic = state.config.kafka.topic.clone();
     tokio::task::spawn_blocking(move || {
         producer

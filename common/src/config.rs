@@ -158,11 +158,11 @@ impl TracesConfig {
         // an endpoint is set.
         let disabled = env.bool("OTEL_SDK_DISABLED", false)?;
         let sampler = TraceSampler::from_env(env)?;
-        let protocol_var = match env.optional("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
-            Some(_) => "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-            None => "OTEL_EXPORTER_OTLP_PROTOCOL",
+        let (protocol_var, protocol) = match env.optional("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
+            Some(protocol) => ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", Some(protocol)),
+            None => ("OTEL_EXPORTER_OTLP_PROTOCOL", env.optional("OTEL_EXPORTER_OTLP_PROTOCOL")),
         };
-        let protocol = match env.optional(protocol_var).as_deref().map(str::trim) {
+        let protocol = match protocol.as_deref().map(str::trim) {
             None | Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
             Some("grpc") => OtlpProtocol::Grpc,
             Some(other) => return Err(env.invalid(protocol_var, format!("{other:?} is not http/protobuf or grpc"))),
@@ -197,13 +197,14 @@ impl TraceSampler {
             Some(rule) => (true, rule),
             None => (false, sampler),
         };
+        let argument = match env.parse::<f64>("OTEL_TRACES_SAMPLER_ARG", 1.0)? {
+            ratio if (0.0..=1.0).contains(&ratio) => ratio,
+            other => return Err(env.invalid("OTEL_TRACES_SAMPLER_ARG", format!("{other} is not between 0 and 1"))),
+        };
         let ratio = match rule {
             "always_on" => 1.0,
             "always_off" => 0.0,
-            "traceidratio" => match env.parse::<f64>("OTEL_TRACES_SAMPLER_ARG", 1.0)? {
-                ratio if (0.0..=1.0).contains(&ratio) => ratio,
-                other => return Err(env.invalid("OTEL_TRACES_SAMPLER_ARG", format!("{other} is not between 0 and 1"))),
-            },
+            "traceidratio" => argument,
             _ => {
                 return Err(env.invalid(
                     "OTEL_TRACES_SAMPLER",

@@ -12,6 +12,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
+use rdkafka::error::KafkaResult;
+use rdkafka::producer::FutureProducer;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use serde::{Deserialize, Serialize};
@@ -105,7 +107,15 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
-/// The producer: idempotent, `acks=all`, compressed, batched (SPEC §4).
+/// A producer whose librdkafka log lines name the dependency (see [`ReportingContext`]).
+pub type KafkaProducer = FutureProducer<ReportingContext>;
+
+/// The producer of [`producer_config`] (nothing is dialled yet).
+pub fn producer(config: &KafkaConfig) -> KafkaResult<KafkaProducer> {
+    producer_config(config).create_with_context(ReportingContext::default())
+}
+
+/// The producer's settings: idempotent, `acks=all`, compressed, batched (SPEC §4).
 pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = client_config(config);
     client
@@ -246,20 +256,32 @@ impl ClientContext for ReportingContext {
     // A refused certificate or failed SASL handshake reaches the log callback (called from
     // librdkafka's threads), not always the error callback (which needs a poll).
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        match level as u8 {
-            0..=3 => {
-                tracing::error!(dependency = "kafka", facility, "{message}");
-                self.remember(message);
-            }
-            4 => tracing::warn!(dependency = "kafka", facility, "{message}"),
-            _ => tracing::debug!(dependency = "kafka", facility, "{message}"),
+        log_client_line(level, facility, message);
+        if (level as u8) <= 3 {
+            self.remember(message);
         }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::error!(dependency = "kafka", error = %error, reason, "Kafka client error");
+        log_client_error(&error, reason);
         self.remember(reason);
     }
+}
+
+/// Logs a librdkafka log line as the service's own, naming the dependency (every client context's
+/// `log`, so that operators can filter Kafka's lines as they do PostgreSQL's and Redis's).
+pub fn log_client_line(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    match level as u8 {
+        0..=3 => tracing::error!(dependency = "kafka", facility, "{message}"),
+        4 => tracing::warn!(dependency = "kafka", facility, "{message}"),
+        5 | 6 => tracing::info!(dependency = "kafka", facility, "{message}"),
+        _ => tracing::debug!(dependency = "kafka", facility, "{message}"),
+    }
+}
+
+/// Logs a client error librdkafka reports (every client context's `error`).
+pub fn log_client_error(error: &KafkaError, reason: &str) {
+    tracing::error!(dependency = "kafka", error = %error, reason, "Kafka client error");
 }
 
 #[cfg(test)]

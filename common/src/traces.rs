@@ -160,7 +160,9 @@ pub fn current() -> Option<TraceContext> {
     TraceContextPropagator::new().inject_context(&context, &mut carrier);
     Some(TraceContext {
         traceparent: carrier.remove(headers::TRACEPARENT)?,
-        tracestate: carrier.remove(headers::TRACESTATE).filter(|state| !state.is_empty()),
+        // What a caller sends is stored with every message its request causes: beyond W3C's 512
+        // characters (which a platform may drop), it is not passed on.
+        tracestate: carrier.remove(headers::TRACESTATE).filter(|state| !state.is_empty() && state.len() <= 512),
     })
 }
 

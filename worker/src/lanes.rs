@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::backoff::Backoff;
+use common::kafka::KafkaProducer;
 use common::kafka::{EventMessage, headers};
 use common::pool::DbPool;
 use rdkafka::Message;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
@@ -60,7 +61,7 @@ pub struct LaneContext {
     /// PostgreSQL.
     pub pool: DbPool,
     /// For dead letters.
-    pub producer: FutureProducer,
+    pub producer: KafkaProducer,
     /// `<topic>.dlq`.
     pub dlq_topic: String,
     /// Attempts before dead-lettering.

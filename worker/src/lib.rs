@@ -19,8 +19,8 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use common::config::Config;
+use common::kafka::KafkaProducer;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::FutureProducer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -51,8 +51,8 @@ impl Worker {
             .create_with_context(context)
             .context("invalid Kafka consumer configuration")?;
         consumer.subscribe(&[&config.kafka.topic]).context("failed to subscribe")?;
-        let producer: FutureProducer =
-            common::kafka::producer_config(&config.kafka).create().context("invalid Kafka producer configuration")?;
+        let producer: KafkaProducer =
+            common::kafka::producer(&config.kafka).context("invalid Kafka producer configuration")?;
         let pool =
             common::pool::build(&config.database, "highload-worker").context("invalid PostgreSQL configuration")?;
         let (stop, stop_receiver) = watch::channel(false);

@@ -21,13 +21,14 @@ use common::backoff::Backoff;
 use common::config::Config;
 use common::db::models::OutboxRow;
 use common::db::schema::{outbox, outbox_publisher};
+use common::kafka::KafkaProducer;
 use common::kafka::headers;
 use common::postgres::Connector;
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::{JoinAll, join_all};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
+use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer, PurgeConfig};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -56,9 +57,9 @@ impl OutboxSignal {
 /// The relay task's inputs.
 pub struct Relay {
     /// Kafka producer; replaced after a failed batch and when this replica stops publishing.
-    pub producer: FutureProducer,
+    pub producer: KafkaProducer,
     /// Where the current producer is published (the background Kafka check uses it).
-    pub current_producer: watch::Sender<FutureProducer>,
+    pub current_producer: watch::Sender<KafkaProducer>,
     /// Opens the relay's own session (so that a saturated pool never delays a renewal).
     pub connector: Connector,
     /// Configuration.
@@ -235,7 +236,7 @@ impl Relay {
     fn replace_producer(&mut self) {
         // Dropped messages fail their delivery futures, which nobody awaits any more.
         self.producer.purge(PurgeConfig::default().queue().inflight());
-        match common::kafka::producer_config(&self.config.kafka).create::<FutureProducer>() {
+        match common::kafka::producer(&self.config.kafka) {
             Ok(producer) => {
                 drop(self.current_producer.send_replace(producer.clone()));
                 self.producer = producer;

@@ -107,6 +107,27 @@ async fn a_posted_event_is_one_trace_from_the_request_through_kafka_to_the_worke
     assert_eq!(applied.attributes["event.id"], event_id);
     assert_eq!(applied.trace_state, "caller=7");
 
+    // A caller's oversized tracestate is not stored with the message (W3C lets a platform drop one
+    // beyond 512 characters): the trace goes on without it.
+    let (long_trace, long_caller) = (testkit::unique(), testkit::unique()[..16].to_owned());
+    let long_state: Vec<String> = (0..20).map(|n| format!("k{n}={}", "v".repeat(200))).collect();
+    let response = stack
+        .client
+        .post(format!("{base}/api/v1/events"))
+        .header("traceparent", format!("00-{long_trace}-{long_caller}-01"))
+        .header("tracestate", long_state.join(","))
+        .json(&json!({"user_id": user, "type": "traced", "data": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let long_applied = receiver
+        .wait_for("the worker's span of the event with a long tracestate", EXPORTED, |spans| {
+            spans.iter().find(|span| span.service == "highload-worker" && span.trace_id == long_trace).cloned()
+        })
+        .await;
+    assert_eq!(long_applied.trace_state, "", "{long_applied:?}");
+
     // Log lines inside a span carry its ids.
     let api_line = api.line_containing(&format!("\"trace_id\":\"{trace_id}\""), EXPORTED).await;
     assert!(api_line.contains(&format!("\"span_id\":\"{}\"", request.span_id)), "{api_line}");
