@@ -6,6 +6,7 @@ nothing about speed (CI uses it so the harness cannot rot).
 """
 
 import argparse
+import http.server
 import json
 import os
 import platform
@@ -16,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -54,6 +56,8 @@ CONTEXT = {
     "ref_pg_vs_pgbench": "reference server's PK select ÷ pgbench PK select",
     "post_user_vs_echo": "POST user ÷ reference server's POST (parse the JSON body, answer)",
     "fresh_tokens_vs_plain": "cached GET user, each request one of 50,000 tokens (signature checked nearly every time) ÷ without a token",
+    "traced_cached_vs_plain": "cached GET user with traces on (every request sampled, spans exported over OTLP) ÷ traces off",
+    "traced_post_event_vs_plain": "POST event with traces on (every request sampled, spans exported over OTLP) ÷ traces off",
 }
 
 
@@ -122,15 +126,41 @@ def psql(sql, database="postgres", capture=False):
     return result.stdout.strip() if capture else None
 
 
+class OtlpSink(http.server.BaseHTTPRequestHandler):
+    """Takes OTLP/HTTP exports and answers 200, counting them: the collector of the traced api."""
+
+    exports = 0
+    export_bytes = 0
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        OtlpSink.exports += 1
+        OtlpSink.export_bytes += len(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def start_otlp_sink():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
 class Stack:
-    """Own Redis, own tansu, a fresh database; the api (cached and uncached), worker and refserver."""
+    """Own Redis, own tansu, a fresh database; the api (cached, uncached, with tokens, with traces),
+    worker and refserver."""
 
     def __init__(self, tmp):
         self.tmp = tmp
         self.processes = {}
         self.db = f"hlms_bench_{os.getpid()}"
         self.redis_port, self.broker_port = free_port(), free_port()
-        self.ports = {name: free_port() for name in ("api", "api_uncached", "api_auth", "ref", "worker")}
+        self.ports = {name: free_port() for name in ("api", "api_uncached", "api_auth", "api_traced", "ref", "worker")}
         psql(f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)")
         psql(f"CREATE DATABASE {self.db}")
         # The binaries run as a role with DML only, as in production; `api migrate` as the owner grants it.
@@ -164,13 +194,18 @@ class Stack:
             **self.env, "SERVER_PORT": str(self.ports["api_auth"]), "RUN_MIGRATIONS": "false", "CACHE_TTL": "7200",
             "AUTH_MODE": "jwt", "AUTH_ISSUER": "highload-microservice-dev", "AUTH_AUDIENCE": "highload-microservice",
             "AUTH_JWKS_FILE": str(ROOT / "dev/auth/jwks.json"), "RATE_LIMIT_RPS": "100000"})
+        # The cached api once more with traces on: every request sampled (the default sampler, with
+        # no caller's traceparent), its spans exported over OTLP/HTTP to a sink in this process.
+        self.start("api_traced", [RELEASE / "api"], {
+            **self.env, "SERVER_PORT": str(self.ports["api_traced"]), "RUN_MIGRATIONS": "false", "CACHE_TTL": "7200",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": start_otlp_sink()})
         self.start("api_uncached", [RELEASE / "api"], {**self.env, "SERVER_PORT": str(self.ports["api_uncached"]),
                                                         "CACHE_TTL": "0", "RUN_MIGRATIONS": "false"})
         self.start("ref", [RELEASE / "refserver"], {**self.env, "REF_PORT": str(self.ports["ref"]),
                                                      "REF_PG": f"host=127.0.0.1 user=postgres dbname={self.db}",
                                                      "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}",
                                                      "REDIS_KEY_PREFIX": "hlms:"})
-        for name in ("api", "api_uncached", "api_auth"):
+        for name in ("api", "api_uncached", "api_auth", "api_traced"):
             wait_for(name, lambda n=name: http_ok(f"http://127.0.0.1:{self.ports[n]}/health/ready"))
         wait_for("refserver", lambda: http_ok(f"http://127.0.0.1:{self.ports['ref']}/static"))
 
@@ -305,7 +340,7 @@ def measure_http(stack, args, ids_file, users):
     ids = str(ids_file)
     # Page 1000 of 10 starts after 9,990 rows; with `page=1000` PostgreSQL would skip them one by one.
     page1000 = deep_cursor(stack, min(9_990, users - 10))
-    api, unc, ref, auth = "api", "api_uncached", "ref", "api_auth"
+    api, unc, ref, auth, traced = "api", "api_uncached", "ref", "api_auth", "api_traced"
     # One token, as a client sends until it expires; and 50,000 different ones (more than the api
     # remembers), so nearly every request has its signature checked.
     token, tokens = stack.tmp / "token", stack.tmp / "tokens"
@@ -333,6 +368,10 @@ def measure_http(stack, args, ids_file, users):
                                                (ids, "/api/v1/users/", tokens), stack.pid(auth)),
         "post_user_auth": lambda: wrk(stack.url(auth, "/api/v1/users"), seconds, "create_user.lua", (token,),
                                       stack.pid(auth)),
+        "cached_get_traced": lambda: wrk(stack.url(traced, "/"), seconds, "get_by_id.lua", (ids, "/api/v1/users/"),
+                                         stack.pid(traced)),
+        "post_event_traced": lambda: wrk(stack.url(traced, "/api/v1/events"), seconds, "create_event.lua", (ids,),
+                                         stack.pid(traced)),
         "pgbench_user": lambda: pgbench(stack.db, "create_user.sql", seconds, users),
         "post_event": lambda: wrk(stack.url(api, "/api/v1/events"), seconds, "create_event.lua", (ids,), stack.pid(api)),
         "pgbench_event": lambda: pgbench(stack.db, "create_event.sql", seconds, users),
@@ -346,12 +385,15 @@ def measure_http(stack, args, ids_file, users):
              ("uncached_get", "ref_pg_get", "uncached_vs_ref_pg"), ("ref_pg_get", "pgbench_select", "ref_pg_vs_pgbench"),
              ("post_user", "ref_post", "post_user_vs_echo"), ("redis_get", "static", "redis_vs_static"),
              ("cached_get_auth", "cached_get_with_header", "auth_cached_vs_plain"), ("post_user_auth", "post_user", "auth_post_vs_plain"),
-             ("cached_get_fresh_tokens", "cached_get_with_header", "fresh_tokens_vs_plain")]
+             ("cached_get_fresh_tokens", "cached_get_with_header", "fresh_tokens_vs_plain"),
+             ("cached_get_traced", "cached_get", "traced_cached_vs_plain"),
+             ("post_event_traced", "post_event", "traced_post_event_vs_plain")]
     log("warming up (fills the cache for the ids the load uses, warms both servers and PostgreSQL)")
     warm = 1 if args.smoke else 5
     wrk(stack.url(api, "/"), warm, "get_by_id.lua", (ids, "/api/v1/users/"))
     wrk(stack.url(unc, "/"), warm, "get_by_id.lua", (ids, "/api/v1/users/"))
     wrk(stack.url(auth, "/"), warm, "get_by_id.lua", (ids, "/api/v1/users/", token))
+    wrk(stack.url(traced, "/"), warm, "get_by_id.lua", (ids, "/api/v1/users/"))
     wrk(stack.url(ref, "/static"), 1)
     results = {name: [] for name in runs}
     ratios = {ratio: [] for _, _, ratio in pairs}
@@ -504,7 +546,9 @@ def text_figures(results, ratios, worker):
         "UNCACHED_REF": ratio["uncached_vs_ref_pg"], "LIST": ratio["list_vs_uncached"],
         "PAGE1000": ratio["page1000_vs_page1"], "POST_USER": ratio["post_user_vs_pgbench"],
         "POST_EVENT": ratio["post_event_vs_pgbench"], "AUTH_CACHED": ratio["auth_cached_vs_plain"],
-        "AUTH_POST": ratio["auth_post_vs_plain"], "FRESH_TOKENS": ratio["fresh_tokens_vs_plain"], "E2E": f"{worker['throughput']:,.0f}",
+        "AUTH_POST": ratio["auth_post_vs_plain"], "FRESH_TOKENS": ratio["fresh_tokens_vs_plain"],
+        "TRACED_CACHED": ratio["traced_cached_vs_plain"], "TRACED_POST": ratio["traced_post_event_vs_plain"],
+        "OTLP_EXPORTS": f"{OtlpSink.exports:,} exports, {OtlpSink.export_bytes / 1e6:,.1f} MB", "E2E": f"{worker['throughput']:,.0f}",
         "POST_EVENT_API": f"{api_us:.0f}", "POST_EVENT_PG": f"{pg_us:.0f}",
         "DRAIN_CPU": f"{sum(worker['backlog_cpu_us']):.0f}", "E2E_CPU": f"{per_event_us:.0f}",
         "E2E_CORES": f"{per_event_us * 5000 / 1e6:.1f}",
