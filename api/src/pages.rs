@@ -1,14 +1,17 @@
 //! What the list endpoints share: exact totals from the trigger-kept `row_counts` (so no page counts a
-//! whole table), keyset positions, a page's LIMIT/OFFSET, and telling from one extra row whether a next
-//! page exists.
+//! whole table), keyset positions and the filter that starts a page at one, a page's LIMIT/OFFSET, and
+//! telling from one extra row whether a next page exists.
 
+use chrono::{DateTime, Utc};
 use common::db::schema::row_counts;
+use diesel::dsl;
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::result::Error as DieselError;
-use diesel::sql_types::BigInt;
+use diesel::sql_types::{BigInt, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
 
 use crate::http::query::{Cursor, Pagination};
 
@@ -21,6 +24,24 @@ pub async fn total(conn: &AsyncPgConnection, table: &str) -> Result<i64, DieselE
     let shards: Vec<i64> =
         row_counts::table.filter(row_counts::table_name.eq(table)).select(row_counts::count).load(&mut conn).await?;
     Ok(shards.iter().sum())
+}
+
+/// The filter [`after_cursor`] builds.
+pub type AfterCursor<CreatedAt, Id> =
+    dsl::And<dsl::LtEq<CreatedAt, DateTime<Utc>>, dsl::Or<dsl::Lt<CreatedAt, DateTime<Utc>>, dsl::Lt<Id, Uuid>>>;
+
+/// The rows after `cursor` in a list ordered `created_at DESC, id DESC`: `(created_at, id) < cursor`,
+/// for any table with such columns.
+///
+/// Spelled with a fixed shape (a row comparison would need a raw SQL fragment, which diesel cannot
+/// cache) and so that the index condition is `created_at <= …`: the walk starts at the cursor (rows
+/// sharing the cursor's microsecond are filtered, not skipped by the index).
+pub fn after_cursor<CreatedAt, Id>(created_at: CreatedAt, id: Id, cursor: Cursor) -> AfterCursor<CreatedAt, Id>
+where
+    CreatedAt: Expression<SqlType = Timestamptz> + Copy,
+    Id: Expression<SqlType = diesel::sql_types::Uuid>,
+{
+    created_at.le(cursor.created_at).and(created_at.lt(cursor.created_at).or(id.lt(cursor.id)))
 }
 
 /// `query` (ordered, not yet limited) cut to `page`: one row more than the page shows, to know whether
@@ -106,5 +127,15 @@ mod tests {
         let after = sql_of(Pagination { page: None, after: Some(cursor), limit: 100 });
         assert!(after.contains(" LIMIT 101 --"), "{after}");
         assert!(!after.contains("OFFSET"), "{after}");
+    }
+
+    #[test]
+    fn the_cursor_filter_bounds_created_at_for_the_index_and_breaks_ties_by_id() {
+        let cursor = Cursor { created_at: Utc::now(), id: Uuid::nil() };
+        let query = users::table.select(users::id).filter(after_cursor(users::created_at, users::id, cursor));
+        let sql = diesel::debug_query::<Pg, _>(&query).to_string();
+        let expected =
+            r#"WHERE (("users"."created_at" <= $1) AND (("users"."created_at" < $2) OR ("users"."id" < $3)))"#;
+        assert!(sql.contains(expected), "{sql}");
     }
 }

@@ -87,10 +87,7 @@ pub async fn list(
     };
     let mut query = filtered().select(EventRow::as_select()).order((events::created_at.desc(), events::id.desc()));
     if let Some(cursor) = page.after {
-        // Spelled as in the users list: the index condition starts the walk at the cursor.
-        query = query
-            .filter(events::created_at.le(cursor.created_at))
-            .filter(events::created_at.lt(cursor.created_at).or(events::id.lt(cursor.id)));
+        query = query.filter(pages::after_cursor(events::created_at, events::id, cursor));
     }
     let rows = pages::paged(query, page).load(conn).await?;
     let total = if filter.user_id.is_none() && filter.event_type.is_none() {

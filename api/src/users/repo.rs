@@ -103,14 +103,8 @@ pub async fn list(conn: &AsyncPgConnection, page: Pagination) -> Result<(Vec<Use
         let mut conn = conn;
         match page.after {
             None => pages::paged(newest_first, page).load(&mut conn).await,
-            // `(created_at, id) < cursor`, spelled with a fixed shape (a row comparison would need
-            // a raw SQL fragment, which diesel cannot cache) and so that the index condition is
-            // `created_at <= …`: the walk starts at the cursor (rows sharing the cursor's microsecond
-            // are filtered, not skipped by the index).
             Some(cursor) => {
-                let after_cursor = newest_first
-                    .filter(users::created_at.le(cursor.created_at))
-                    .filter(users::created_at.lt(cursor.created_at).or(users::id.lt(cursor.id)));
+                let after_cursor = newest_first.filter(pages::after_cursor(users::created_at, users::id, cursor));
                 pages::paged(after_cursor, page).load(&mut conn).await
             }
         }
