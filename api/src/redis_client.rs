@@ -1,100 +1,134 @@
 //! The api's one Redis client, shared by the user cache and the rate limiter: one multiplexed
-//! connection that every request shares, each call bounded by `REDIS_TIMEOUT_MS`.
+//! connection that every request shares, kept by redis's [`ConnectionManager`], each call bounded by
+//! `REDIS_TIMEOUT_MS`.
 //!
-//! The connections come from a bb8 pool whose manager can throw one away. bb8-redis's manager was
-//! used before, but it never reports a multiplexed connection as broken, so one the network cut
-//! stayed in the pool, failing every call on it, until the process restarted (the chaos soak caught
-//! exactly that), and it cannot be given a CA bundle for TLS. Each connection here carries a flag that
-//! a failed call sets; bb8 drops a flagged connection when it comes back to the pool and dials anew.
+//! One connection and no pool: concurrent calls pipeline on it, and round-robin over four such
+//! connections served cached reads no faster (BENCHMARKS.md, "Redis connection model").
+//!
+//! Reconnection is the manager's, set up so that no call waits on a dead connection for long:
+//! - A call that finds the connection dropped fails (the request falls back to PostgreSQL) and the
+//!   manager dials a new one in the background; calls made meanwhile wait for that dial, within
+//!   their deadline. The manager never hands out a connection known to be broken.
+//! - A network that drops packets silently closes nothing: `TCP_USER_TIMEOUT` makes the kernel abort
+//!   a connection whose data has gone unacknowledged for the longer of `REDIS_TIMEOUT_MS` and 1 s,
+//!   and the manager replaces it like a dropped one.
+//! - The first dial of a manager runs in a task of its own, so that it finishes even when every call
+//!   that waits for it gives up first (the manager would otherwise dial only while a call waits).
+//! - Each dial is one attempt, so its failure reaches the calls waiting on it and is logged (at most
+//!   once per 10 s); the next call dials again, paced by the callers' own back-off (the cache's read
+//!   pause, the rate limiter's local fallback).
+//! - The manager re-dials only after I/O errors and would return a refused login forever, so an
+//!   authentication failure replaces the manager.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use common::config::RedisConfig;
 use common::telemetry::Throttle;
-use redis::aio::MultiplexedConnection;
-use redis::{ConnectionAddr, IntoConnectionInfo, RedisError, RedisResult, TlsCertificates};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::io::tcp::TcpSettings;
+use redis::{ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisError, RedisResult, TlsCertificates};
 
-/// A Redis client. Cheap to clone; connects on first use.
+/// Longest one dial (TCP, TLS, `AUTH`, `SELECT`) may take; calls give up on it sooner, at their own
+/// deadline.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Shortest time unacknowledged data may wait before the kernel aborts the connection.
+const MIN_DEAD_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A Redis client. Cheap to clone; dials as soon as it is made, in the background.
 #[derive(Clone)]
 pub struct RedisClient(Arc<Inner>);
 
 struct Inner {
-    pool: bb8::Pool<Manager>,
-    /// See [`RedisClient::shared_connection`].
-    shared: RwLock<Option<Connection>>,
+    client: redis::Client,
+    /// Replaced only after a refused login (see the module's documentation).
+    connection: RwLock<ConnectionManager>,
     timeout: Duration,
+    /// Connection failures are logged at most once per 10 s.
+    log_throttle: Throttle,
 }
 
 impl RedisClient {
-    /// A client for `config`'s server; nothing is dialled until the first call.
+    /// A client for `config`'s server, dialling in the background.
     pub fn new(config: &RedisConfig) -> anyhow::Result<Self> {
-        let manager = Manager { client: client(config)?, log_throttle: Throttle::new(Duration::from_secs(10)) };
-        let pool = bb8::Pool::builder()
-            .max_size(config.pool_max_size.get())
-            .connection_timeout(config.timeout)
-            // Each checkout test is a PING round trip; a broken connection shows up as an error instead.
-            .test_on_check_out(false)
-            .build_unchecked(manager);
-        Ok(Self(Arc::new(Inner { pool, shared: RwLock::new(None), timeout: config.timeout })))
+        let client = client(config)?;
+        let connection = manager(&client).context("cannot set up the Redis connection")?;
+        let inner = Arc::new(Inner {
+            client,
+            connection: RwLock::new(connection.clone()),
+            timeout: config.timeout,
+            log_throttle: Throttle::new(Duration::from_secs(10)),
+        });
+        inner.dial(connection);
+        Ok(Self(inner))
     }
 
-    /// Runs `operation` on the shared multiplexed connection within `REDIS_TIMEOUT_MS`, getting a
-    /// connection included. A failure of the connection itself discards it, so the pool dials a new one.
-    pub async fn call<T, Fut>(&self, operation: impl FnOnce(MultiplexedConnection) -> Fut) -> RedisResult<T>
+    /// Runs `operation` on the shared connection within `REDIS_TIMEOUT_MS`, the wait for a dial
+    /// included.
+    pub async fn call<T, Fut>(&self, operation: impl FnOnce(ConnectionManager) -> Fut) -> RedisResult<T>
     where
         Fut: Future<Output = RedisResult<T>>,
     {
-        let deadline = tokio::time::Instant::now() + self.0.timeout;
-        let connection = self.shared_connection(deadline).await?;
-        let result = match tokio::time::timeout_at(deadline, operation(connection.redis.clone())).await {
-            Ok(result) => result,
-            Err(_) => Err(timed_out()),
-        };
-        if let Err(err) = &result
-            && breaks_connection(err)
-        {
-            connection.discard();
+        let connection = self.0.connection.read().unwrap_or_else(PoisonError::into_inner).clone();
+        match tokio::time::timeout(self.0.timeout, operation(connection)).await {
+            Ok(result) => result.inspect_err(|err| self.0.failed(err)),
+            Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
         }
-        result
     }
 
     /// Round-trips a PING.
     pub async fn ping(&self) -> RedisResult<()> {
         self.call(|mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await }).await
     }
+}
 
-    /// The connection every request shares until a call finds it broken; then the next one the pool
-    /// hands out (checking out per call cost a lock and a timer per request, and one multiplexed
-    /// connection pipelines concurrent calls anyway: measured in `bench/run`).
-    async fn shared_connection(&self, deadline: tokio::time::Instant) -> RedisResult<Connection> {
-        if let Some(connection) = self.0.shared.read().ok().and_then(|shared| shared.clone())
-            && !connection.is_broken()
+impl Inner {
+    /// Logs a failed or dropped connection and replaces the manager after a refused login.
+    fn failed(self: &Arc<Self>, err: &RedisError) {
+        self.log(err);
+        if err.kind() == ErrorKind::AuthenticationFailed
+            && let Ok(fresh) = manager(&self.client)
         {
-            return Ok(connection);
+            *self.connection.write().unwrap_or_else(PoisonError::into_inner) = fresh.clone();
+            self.dial(fresh);
         }
-        let connection = match tokio::time::timeout_at(deadline, self.0.pool.get()).await {
-            Ok(pooled) => pooled.map_err(pool_error)?.clone(),
-            Err(_) => return Err(timed_out()),
-        };
-        if let Ok(mut shared) = self.0.shared.write() {
-            *shared = Some(connection.clone());
+    }
+
+    /// Logs a failed or dropped connection (not an error reply: the callers log those, as they do
+    /// calls past their deadline).
+    fn log(&self, err: &RedisError) {
+        let refused = err.kind() == ErrorKind::AuthenticationFailed;
+        if (err.is_io_error() || refused) && self.log_throttle.allow() {
+            tracing::warn!(dependency = "redis", error = %err, "Redis connection failed");
         }
-        Ok(connection)
+    }
+
+    /// Drives a new manager's first dial to its end. The manager dials lazily, and only while a call
+    /// waits for it: calls that give up at their deadline would leave a dial that needs longer (a TLS
+    /// handshake on a busy machine) unfinished, and make it time out. Its reconnections it drives
+    /// itself.
+    fn dial(self: &Arc<Self>, connection: ConnectionManager) {
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut connection = connection;
+            let ping = async { redis::cmd("PING").query_async::<()>(&mut connection).await };
+            if let Ok(Err(err)) = tokio::time::timeout(CONNECT_TIMEOUT * 2, ping).await {
+                inner.log(&err);
+            }
+        });
     }
 }
 
-fn pool_error(err: bb8::RunError<RedisError>) -> RedisError {
-    match err {
-        bb8::RunError::User(err) => err,
-        bb8::RunError::TimedOut => RedisError::from((redis::ErrorKind::Io, "no connection in time")),
-    }
-}
-
-fn timed_out() -> RedisError {
-    RedisError::from((redis::ErrorKind::Io, "timed out"))
+/// A manager that dials on first use, once per attempt (see the module's documentation); calls are
+/// bounded by `REDIS_TIMEOUT_MS` in [`RedisClient::call`], so responses have no timeout of their own.
+fn manager(client: &redis::Client) -> RedisResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_number_of_retries(0)
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(None);
+    ConnectionManager::new_lazy_with_config(client.clone(), config)
 }
 
 /// A client for `config`'s server: TLS with `REDIS_TLS` (the server's name always verified, against
@@ -113,7 +147,8 @@ fn client(config: &RedisConfig) -> anyhow::Result<redis::Client> {
             ConnectionAddr::TcpTls { host: config.host.clone(), port: config.port, insecure: false, tls_params: None }
         }
     };
-    let info = address.into_connection_info()?.set_redis_settings(redis_settings);
+    let tcp = TcpSettings::default().set_user_timeout(config.timeout.max(MIN_DEAD_CONNECTION_TIMEOUT));
+    let info = address.into_connection_info()?.set_redis_settings(redis_settings).set_tcp_settings(tcp);
     match (&config.ca_cert, config.tls) {
         (Some(path), true) => {
             // Checked here so that a bad file stops the start instead of failing every connection.
@@ -122,60 +157,5 @@ fn client(config: &RedisConfig) -> anyhow::Result<redis::Client> {
             Ok(redis::Client::build_with_tls(info, TlsCertificates { client_tls: None, root_cert: Some(root_cert) })?)
         }
         _ => Ok(redis::Client::open(info)?),
-    }
-}
-
-/// A pooled connection: a multiplexed connection (cheap to clone, pipelines concurrent calls) and
-/// its shared "broken" flag.
-#[derive(Clone)]
-struct Connection {
-    /// The connection itself.
-    redis: MultiplexedConnection,
-    broken: Arc<AtomicBool>,
-}
-
-impl Connection {
-    /// Marks the connection unusable: the pool replaces it.
-    fn discard(&self) {
-        self.broken.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether a call found it broken.
-    fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Relaxed)
-    }
-}
-
-/// Whether an error means the connection itself is gone (as opposed to an error reply).
-fn breaks_connection(err: &RedisError) -> bool {
-    err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error() || err.is_timeout()
-}
-
-/// The bb8 manager of [`Connection`]s.
-struct Manager {
-    client: redis::Client,
-    /// Failed dials are logged at most once per 10 s.
-    log_throttle: Throttle,
-}
-
-impl bb8::ManageConnection for Manager {
-    type Connection = Connection;
-    type Error = RedisError;
-
-    async fn connect(&self) -> Result<Connection, RedisError> {
-        let redis = self.client.get_multiplexed_async_connection().await.inspect_err(|err| {
-            if self.log_throttle.allow() {
-                tracing::warn!(dependency = "redis", error = %err, "cannot connect to Redis");
-            }
-        })?;
-        Ok(Connection { redis, broken: Arc::new(AtomicBool::new(false)) })
-    }
-
-    async fn is_valid(&self, conn: &mut Connection) -> Result<(), RedisError> {
-        redis::cmd("PING").query_async(&mut conn.redis).await
-    }
-
-    fn has_broken(&self, conn: &mut Connection) -> bool {
-        conn.broken.load(Ordering::Relaxed)
     }
 }

@@ -22,9 +22,8 @@
 //!   `REDIS_PASSWORD` [none; required with a user], `REDIS_DB` [0]: the cache and the rate limiter's buckets.
 //! - `REDIS_TLS` [false]: TLS to Redis (as `rediss://`), the server's name always verified;
 //!   `REDIS_CA_CERT` [none: the system's roots]: CA bundle (PEM) to verify it with.
-//! - `REDIS_POOL_MAX_SIZE` [8]: the pool the one shared multiplexed connection (and its replacement
-//!   when broken) comes from; `REDIS_TIMEOUT_MS` [100]: longest wait for one cache operation
-//!   before the request falls back to PostgreSQL; `REDIS_KEY_PREFIX` [hlms:].
+//! - `REDIS_TIMEOUT_MS` [100]: longest wait for one cache operation (a dial of the one shared
+//!   connection included) before the request falls back to PostgreSQL; `REDIS_KEY_PREFIX` [hlms:].
 //! - `CACHE_TTL` [300]: lifetime of a cached user; 0 turns the cache off.
 //! - `LOG_LEVEL` [info] (an `EnvFilter` directive, e.g. `info,api=debug`), `LOG_FORMAT` [json|text].
 //! - `RUN_MIGRATIONS` [true]: `api` applies pending migrations at start, under an advisory lock.
@@ -423,8 +422,6 @@ pub struct RedisConfig {
     pub ca_cert: Option<PathBuf>,
     /// Logical database number.
     pub db: u32,
-    /// Largest number of pooled connections.
-    pub pool_max_size: NonZeroU32,
     /// Deadline for one cache operation.
     pub timeout: Duration,
     /// Prefix of every key this service writes.
@@ -534,7 +531,6 @@ impl Config {
                 tls: env.bool("REDIS_TLS", false)?,
                 ca_cert: env.optional("REDIS_CA_CERT").map(PathBuf::from),
                 db: env.parse("REDIS_DB", 0)?,
-                pool_max_size: env.parse("REDIS_POOL_MAX_SIZE", NonZeroU32::new(8).expect("non-zero"))?,
                 timeout: env.millis("REDIS_TIMEOUT_MS", 100)?,
                 key_prefix: env.string("REDIS_KEY_PREFIX", "hlms:"),
                 cache_ttl: Some(env.seconds("CACHE_TTL", 300)?).filter(|ttl| !ttl.is_zero()),

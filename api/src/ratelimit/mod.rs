@@ -302,12 +302,12 @@ mod tests {
         };
         let vars = |_: &str| None;
         let redis_config = common::config::Config::from_lookup(vars).unwrap().redis;
-        // Never dialled: only the bookkeeping after Redis's answers is exercised.
+        // Never called: only the bookkeeping after Redis's answers is exercised.
         let redis = RedisClient::new(&redis_config).unwrap();
         RateLimiter::new(&config, redis, "test:", &ApiMetrics::new()).unwrap()
     }
 
-    // A runtime only because building the (never dialled) Redis pool needs one.
+    // A runtime only because the Redis client dials in a task of its own.
     #[tokio::test]
     async fn an_empty_answer_spends_units_a_concurrent_request_just_fetched() {
         let limiter = limiter();

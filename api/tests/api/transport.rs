@@ -185,6 +185,21 @@ async fn the_runtime_role_has_dml_only() {
     assert_eq!(diesel::sql_query(format!("DELETE FROM users WHERE email = '{email}'")).execute(&mut conn).await, Ok(1));
 }
 
+/// Points `vars` at the private TLS server `redis` (its certificate issued by `ca`), as the ACL user
+/// `hlms` with the password `s3cret`.
+fn use_tls_redis(vars: &mut HashMap<String, String>, ca: &TestCa, redis: &PrivateRedis) {
+    for (name, value) in [
+        ("REDIS_HOST", "localhost".to_owned()),
+        ("REDIS_PORT", redis.port.to_string()),
+        ("REDIS_TLS", "true".to_owned()),
+        ("REDIS_CA_CERT", ca.ca_file().to_str().unwrap().to_owned()),
+        ("REDIS_USERNAME", "hlms".to_owned()),
+        ("REDIS_PASSWORD", "s3cret".to_owned()),
+    ] {
+        vars.insert(name.into(), value);
+    }
+}
+
 /// The ACL of the service's Redis user: its own keys, and only the commands it sends.
 fn acl(prefix: &str) -> String {
     format!("hlms on >s3cret ~{prefix}* resetchannels -@all +get +set +evalsha +eval +script|load +time +ping")
@@ -197,18 +212,8 @@ async fn redis_over_tls_as_an_acl_user_serves_the_cache_and_the_limiter() {
     vars.insert("DB_NAME".into(), testkit::create_database().await);
     let prefix = vars["REDIS_KEY_PREFIX"].clone();
     let redis = PrivateRedis::start_tls(&ca, &ca.server_cert(&["localhost"]), &[&acl(&prefix)]);
-    let root = ca.ca_file();
-    for (name, value) in [
-        ("REDIS_HOST", "localhost".to_owned()),
-        ("REDIS_PORT", redis.port.to_string()),
-        ("REDIS_TLS", "true".to_owned()),
-        ("REDIS_CA_CERT", root.to_str().unwrap().to_owned()),
-        ("REDIS_USERNAME", "hlms".to_owned()),
-        ("REDIS_PASSWORD", "s3cret".to_owned()),
-        ("RATE_LIMIT_RPS", "1000".to_owned()),
-    ] {
-        vars.insert(name.into(), value);
-    }
+    use_tls_redis(&mut vars, &ca, &redis);
+    vars.insert("RATE_LIMIT_RPS".into(), "1000".into());
     let app = spawn_app_from(vars).await;
     let id = app.create_user(&unique_email("redis-tls")).await["id"].as_str().unwrap().to_owned();
     // `/health` shows the background check's last sample: the first may have met a connection still
@@ -233,6 +238,45 @@ async fn redis_over_tls_as_an_acl_user_serves_the_cache_and_the_limiter() {
                 count.is_some_and(|count| count.trim().parse::<f64>().unwrap() >= 1.0)
             })
             .then_some(())
+    })
+    .await;
+}
+
+/// A login Redis refuses (the service's ACL user not there yet) is not the end: once the user exists,
+/// the api reaches Redis without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_redis_login_is_retried_until_the_user_exists() {
+    let ca = TestCa::new("redis");
+    let redis = PrivateRedis::start_tls(&ca, &ca.server_cert(&["localhost"]), &["admin on >adminpw ~* +@all"]);
+    let mut vars = testkit::service_vars();
+    vars.insert("DB_NAME".into(), testkit::create_database().await);
+    use_tls_redis(&mut vars, &ca, &redis);
+    let mut admin_vars = vars.clone();
+    let app = spawn_app_from(vars).await;
+    testkit::eventually("/health to report the refused login", Duration::from_secs(10), || async {
+        let (_, health) = app.get("/health").await;
+        let error = health["checks"]["redis"]["error"].as_str()?.to_owned();
+        error.contains("AuthenticationFailed").then_some(())
+    })
+    .await;
+
+    admin_vars.insert("REDIS_USERNAME".into(), "admin".into());
+    admin_vars.insert("REDIS_PASSWORD".into(), "adminpw".into());
+    let admin = Config::from_lookup(|name: &str| admin_vars.get(name).cloned()).unwrap().redis;
+    let admin = api::redis_client::RedisClient::new(&admin).unwrap();
+    let prefix = app.config.redis.key_prefix.clone();
+    testkit::eventually("the service's ACL user created", Duration::from_secs(10), || async {
+        let user = acl(&prefix);
+        let rules: Vec<String> = user.split(' ').skip(1).map(str::to_owned).collect();
+        let created = admin.call(|mut conn| async move {
+            redis::cmd("ACL").arg("SETUSER").arg("hlms").arg(rules).query_async::<()>(&mut conn).await
+        });
+        created.await.ok()
+    })
+    .await;
+    testkit::eventually("/health to report Redis up", Duration::from_secs(10), || async {
+        let (_, health) = app.get("/health").await;
+        (health["checks"]["redis"]["status"] == json!("up")).then_some(())
     })
     .await;
 }
@@ -343,7 +387,7 @@ async fn refused_redis_and_kafka_certificates_are_logged_and_leave_the_api_degra
     assert_eq!(health["checks"]["kafka"]["status"], json!("down"), "{health}");
     // Each refusal is a log line naming the dependency and the reason.
     for (needle, dependency, reason) in [
-        ("cannot connect to Redis", "redis", "invalid peer certificate: UnknownIssuer"),
+        ("Redis connection failed", "redis", "invalid peer certificate: UnknownIssuer"),
         ("could not ensure Kafka topics", "kafka", "certificate verify failed"),
     ] {
         let line = process.line_containing(needle, common::kafka::ENSURE_TOPICS_TIMEOUT * 2).await;
