@@ -29,6 +29,7 @@ use common::telemetry::Throttle;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::TcpSettings;
 use redis::{ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisError, RedisResult, TlsCertificates};
+use tracing::Instrument;
 
 /// Longest one dial (TCP, TLS, `AUTH`, `SELECT`) may take; calls give up on it sooner, at their own
 /// deadline.
@@ -67,20 +68,30 @@ impl RedisClient {
 
     /// Runs `operation` on the shared connection within `REDIS_TIMEOUT_MS`, the wait for a dial
     /// included.
-    pub async fn call<T, Fut>(&self, operation: impl FnOnce(ConnectionManager) -> Fut) -> RedisResult<T>
+    /// `name` (the command, e.g. `GET`) names the call's span in a trace.
+    pub async fn call<T, Fut>(
+        &self,
+        name: &'static str,
+        operation: impl FnOnce(ConnectionManager) -> Fut,
+    ) -> RedisResult<T>
     where
         Fut: Future<Output = RedisResult<T>>,
     {
         let connection = self.0.connection.read().unwrap_or_else(PoisonError::into_inner).clone();
-        match tokio::time::timeout(self.0.timeout, operation(connection)).await {
+        let span = common::traces::redis(name);
+        let result = match tokio::time::timeout(self.0.timeout, operation(connection)).instrument(span.clone()).await {
             Ok(result) => result.inspect_err(|err| self.0.failed(err)),
             Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
+        };
+        if result.is_err() {
+            common::traces::record_error(&span);
         }
+        result
     }
 
     /// Round-trips a PING.
     pub async fn ping(&self) -> RedisResult<()> {
-        self.call(|mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await }).await
+        self.call("PING", |mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await }).await
     }
 }
 

@@ -117,7 +117,9 @@ impl UserCache {
         let key = inner.key(id);
         let result = inner
             .redis
-            .call(|mut conn| async move { redis::cmd("GET").arg(&key).query_async::<Option<Vec<u8>>>(&mut conn).await })
+            .call("GET", |mut conn| async move {
+                redis::cmd("GET").arg(&key).query_async::<Option<Vec<u8>>>(&mut conn).await
+            })
             .await;
         match result {
             Ok(Some(entry)) => {
@@ -210,7 +212,7 @@ impl Inner {
         let key = self.key(id);
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         self.redis
-            .call(|mut conn| async move {
+            .call("EVALSHA", |mut conn| async move {
                 self.compare_and_set
                     .key(&key)
                     .arg(version)

@@ -198,7 +198,7 @@ impl RateLimiter {
         let key = format!("{}{client}", self.key_prefix);
         let (granted, remaining, reset_ms, retry_after_ms): (u32, u32, u64, u64) = self
             .redis
-            .call(|mut conn| async move {
+            .call("EVALSHA", |mut conn| async move {
                 self.script
                     .key(&key)
                     .arg(self.rate.interval_ms())

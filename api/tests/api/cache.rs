@@ -154,8 +154,9 @@ async fn after_a_redis_outage_the_writes_it_missed_still_reach_the_cache() {
     let key = format!("{}user:{}", writer.config.redis.key_prefix, user["id"].as_str().unwrap());
     testkit::eventually("the fill in Redis", Duration::from_secs(5), || async {
         let key = key.clone();
-        let entry = redis
-            .call(|mut conn| async move { redis::cmd("GET").arg(key).query_async::<Option<Vec<u8>>>(&mut conn).await });
+        let entry = redis.call("GET", |mut conn| async move {
+            redis::cmd("GET").arg(key).query_async::<Option<Vec<u8>>>(&mut conn).await
+        });
         entry.await.ok().flatten().map(drop)
     })
     .await;
@@ -167,8 +168,9 @@ async fn after_a_redis_outage_the_writes_it_missed_still_reach_the_cache() {
     // The writer's background retry lands the write it could not make during the outage.
     testkit::eventually("the missed write in Redis", Duration::from_secs(10), || async {
         let key = key.clone();
-        let entry = redis
-            .call(|mut conn| async move { redis::cmd("GET").arg(key).query_async::<Option<Vec<u8>>>(&mut conn).await });
+        let entry = redis.call("GET", |mut conn| async move {
+            redis::cmd("GET").arg(key).query_async::<Option<Vec<u8>>>(&mut conn).await
+        });
         let entry = entry.await.ok().flatten()?;
         String::from_utf8_lossy(&entry).contains("DuringOutage").then_some(())
     })

@@ -268,7 +268,7 @@ async fn a_refused_redis_login_is_retried_until_the_user_exists() {
     testkit::eventually("the service's ACL user created", Duration::from_secs(10), || async {
         let user = acl(&prefix);
         let rules: Vec<String> = user.split(' ').skip(1).map(str::to_owned).collect();
-        let created = admin.call(|mut conn| async move {
+        let created = admin.call("ACL", |mut conn| async move {
             redis::cmd("ACL").arg("SETUSER").arg("hlms").arg(rules).query_async::<()>(&mut conn).await
         });
         created.await.ok()

@@ -188,6 +188,9 @@ async fn over_grpc_the_api_exports_its_spans_and_probes_are_never_traced() {
         .await;
     assert_eq!((request.service.as_str(), request.name.as_str()), ("edge-api", "GET /api/v1/users/{id}"));
     assert_eq!(request.parent_span_id, caller_span);
+    let cache_read =
+        receiver.wait_for("the GET's Redis span", EXPORTED, |spans| child_of(spans, &request, "redis").cloned()).await;
+    assert_eq!((cache_read.kind, cache_read.attributes["db.operation.name"].as_str()), (CLIENT, "GET"));
     // The POST's span was exported before the GET's: had a probe been traced, it would be there too.
     let routes: Vec<String> =
         receiver.spans().iter().filter_map(|span| span.attributes.get("http.route").cloned()).collect();
