@@ -6,9 +6,10 @@
 //! - [`kafka`]: the message on the events topic, client settings, topic creation.
 //! - [`pool`]: the PostgreSQL connection pool both binaries use, its connections opened by
 //!   [`postgres`] (TLS through [`tls`]); [`metrics`]: Prometheus plumbing.
-//! - [`telemetry`]: log subscriber; [`traces`]: spans exported over OTLP (SPEC §11); [`shutdown`]: termination signals; [`backoff`]: retry delays.
+//! - [`binary`]: what both `main`s do around their work; [`telemetry`]: log subscriber; [`traces`]: spans exported over OTLP (SPEC §11); [`shutdown`]: termination signals; [`backoff`]: retry delays.
 
 pub mod backoff;
+pub mod binary;
 pub mod config;
 pub mod db;
 pub mod kafka;

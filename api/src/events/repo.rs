@@ -2,12 +2,11 @@
 
 use chrono::{SubsecRound, Utc};
 use common::db::models::{EventRow, NewOutboxRow, UserEventStatsRow};
-use common::db::prepared::{Bind, Prepared};
+use common::db::prepared::Bind;
 use common::db::schema::{events, user_event_stats, users};
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use tracing::Instrument;
 use uuid::Uuid;
 
 use super::validate::ValidEvent;
@@ -46,21 +45,20 @@ pub fn new_row(event: ValidEvent) -> EventRow {
 }
 
 /// Inserts the event and its outbox row (see [`INSERT_WITH_MESSAGE`]; the row's values, then
-/// [`outbox::binds`]).
+/// the outbox row's).
 pub async fn insert_with_message(
     conn: &mut AsyncPgConnection,
     row: &EventRow,
     message: &NewOutboxRow,
 ) -> Result<(), DieselError> {
-    let mut binds = vec![
+    let values = vec![
         Bind::Uuid(row.id),
         Bind::Uuid(row.user_id),
         Bind::Text(&row.event_type),
         Bind::Text(&row.data),
         Bind::Timestamp(row.created_at),
     ];
-    binds.extend(outbox::binds(message));
-    Prepared::new(INSERT_WITH_MESSAGE, binds).execute(conn).instrument(common::traces::outbox_insert()).await.map(drop)
+    outbox::insert_with(conn, INSERT_WITH_MESSAGE, values, message).await
 }
 
 /// The event with this id, if any.

@@ -5,7 +5,7 @@
 pub mod lease;
 pub mod relay;
 
-use common::db::models::{EventRow, NewOutboxRow, UserRow};
+use common::db::models::{EventRow, NewOutboxRow, OutboxMessage, UserRow};
 use common::db::prepared::{Bind, Prepared};
 use common::db::schema::outbox;
 use common::kafka::{EventMessage, lifecycle};
@@ -41,12 +41,23 @@ pub async fn append(conn: &mut AsyncPgConnection, row: NewOutboxRow) -> Result<(
     Ok(())
 }
 
-/// The values of an outbox row in the column order `(event_id, user_id, event_type, payload,
-/// request_id, traceparent, tracestate)`, for statements that insert the row together with the
-/// change it announces.
-pub fn binds(message: &NewOutboxRow) -> [Bind<'_>; 7] {
+/// Runs `statement`, which inserts a change and the outbox row announcing it in one statement: its
+/// parameters are `change`'s values, then the outbox row's in the column order `(event_id, user_id,
+/// event_type, payload, request_id, traceparent, tracestate)`.
+pub async fn insert_with(
+    conn: &mut AsyncPgConnection,
+    statement: &'static str,
+    mut change: Vec<Bind<'_>>,
+    message: &NewOutboxRow,
+) -> Result<(), diesel::result::Error> {
+    change.extend(binds(message));
+    Prepared::new(statement, change).execute(conn).instrument(traces::outbox_insert()).await.map(drop)
+}
+
+fn binds(row: &NewOutboxRow) -> [Bind<'_>; 7] {
+    let message = &row.message;
     [
-        Bind::Uuid(message.event_id),
+        Bind::Uuid(row.event_id),
         Bind::Uuid(message.user_id),
         Bind::Text(&message.event_type),
         Bind::Text(&message.payload),
@@ -115,11 +126,13 @@ fn row(message: EventMessage, origin: &Origin) -> Result<NewOutboxRow, ApiError>
     let trace = origin.trace.as_ref();
     Ok(NewOutboxRow {
         event_id: message.id,
-        user_id: message.user_id,
-        event_type: message.event_type.clone(),
-        payload: serde_json::to_string(&message).map_err(|err| ApiError::Internal(err.into()))?,
-        request_id: Some(origin.request_id.clone()),
-        traceparent: trace.map(|trace| trace.traceparent.clone()),
-        tracestate: trace.and_then(|trace| trace.tracestate.clone()),
+        message: OutboxMessage {
+            user_id: message.user_id,
+            event_type: message.event_type.clone(),
+            payload: serde_json::to_string(&message).map_err(|err| ApiError::Internal(err.into()))?,
+            request_id: Some(origin.request_id.clone()),
+            traceparent: trace.map(|trace| trace.traceparent.clone()),
+            tracestate: trace.and_then(|trace| trace.tracestate.clone()),
+        },
     })
 }

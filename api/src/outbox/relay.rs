@@ -291,24 +291,25 @@ impl Relay {
         let mut ids = Vec::with_capacity(rows.len());
         let mut deliveries = Vec::with_capacity(rows.len());
         for row in rows {
-            let key = row.user_id.to_string();
+            let (id, message) = (row.id, &row.message);
+            let key = message.user_id.to_string();
             let mut message_headers = OwnedHeaders::new()
                 .insert(Header { key: headers::CONTENT_TYPE, value: Some("application/json") })
-                .insert(Header { key: headers::EVENT_TYPE, value: Some(row.event_type.as_str()) });
+                .insert(Header { key: headers::EVENT_TYPE, value: Some(message.event_type.as_str()) });
             let optional = [
-                (headers::REQUEST_ID, &row.request_id),
-                (headers::TRACEPARENT, &row.traceparent),
-                (headers::TRACESTATE, &row.tracestate),
+                (headers::REQUEST_ID, &message.request_id),
+                (headers::TRACEPARENT, &message.traceparent),
+                (headers::TRACESTATE, &message.tracestate),
             ];
             for (name, value) in optional {
                 if let Some(value) = value {
                     message_headers = message_headers.insert(Header { key: name, value: Some(value.as_str()) });
                 }
             }
-            let record = FutureRecord::to(topic).key(&key).payload(&row.payload).headers(message_headers);
+            let record = FutureRecord::to(topic).key(&key).payload(&message.payload).headers(message_headers);
             match self.producer.send_result(record) {
                 Ok(delivery) => {
-                    ids.push(row.id);
+                    ids.push(id);
                     deliveries.push(delivery);
                 }
                 Err((err, _)) => {

@@ -2,12 +2,11 @@
 
 use chrono::{SubsecRound, Utc};
 use common::db::models::{NewOutboxRow, UserChangeset, UserRow};
-use common::db::prepared::{Bind, Prepared};
+use common::db::prepared::Bind;
 use common::db::schema::users;
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use tracing::Instrument;
 use uuid::Uuid;
 
 use super::validate::{ValidChanges, ValidUser};
@@ -44,13 +43,13 @@ pub fn new_row(user: ValidUser) -> UserRow {
 }
 
 /// Inserts the user and its `user_created` outbox row (see [`INSERT_WITH_MESSAGE`]; the row's
-/// values, then [`outbox::binds`]).
+/// values, then the outbox row's).
 pub async fn insert_with_message(
     conn: &mut AsyncPgConnection,
     row: &UserRow,
     message: &NewOutboxRow,
 ) -> Result<(), DieselError> {
-    let mut binds = vec![
+    let values = vec![
         Bind::Uuid(row.id),
         Bind::Text(&row.email),
         Bind::Text(&row.first_name),
@@ -59,8 +58,7 @@ pub async fn insert_with_message(
         Bind::Timestamp(row.created_at),
         Bind::Timestamp(row.updated_at),
     ];
-    binds.extend(outbox::binds(message));
-    Prepared::new(INSERT_WITH_MESSAGE, binds).execute(conn).instrument(common::traces::outbox_insert()).await.map(drop)
+    outbox::insert_with(conn, INSERT_WITH_MESSAGE, values, message).await
 }
 
 /// The user with this id, if any.

@@ -66,18 +66,9 @@ pub struct EventRow {
 pub struct NewOutboxRow {
     /// The event's id (also inside `payload`).
     pub event_id: Uuid,
-    /// The Kafka key.
-    pub user_id: Uuid,
-    /// The `event-type` header.
-    pub event_type: String,
-    /// The Kafka message value (JSON).
-    pub payload: String,
-    /// The `request-id` header.
-    pub request_id: Option<String>,
-    /// The `traceparent` header (SPEC §11).
-    pub traceparent: Option<String>,
-    /// The `tracestate` header.
-    pub tracestate: Option<String>,
+    /// The message.
+    #[diesel(embed)]
+    pub message: OutboxMessage,
 }
 
 /// A row of `outbox` as the relay reads it.
@@ -86,11 +77,20 @@ pub struct NewOutboxRow {
 pub struct OutboxRow {
     /// Publishing order.
     pub id: i64,
+    /// The message.
+    #[diesel(embed)]
+    pub message: OutboxMessage,
+}
+
+/// The Kafka message an `outbox` row holds: what the relay sends.
+#[derive(Debug, Clone, PartialEq, Eq, Insertable, Queryable, Selectable)]
+#[diesel(table_name = crate::db::schema::outbox, check_for_backend(diesel::pg::Pg))]
+pub struct OutboxMessage {
     /// The Kafka key.
     pub user_id: Uuid,
     /// The `event-type` header.
     pub event_type: String,
-    /// The Kafka message value.
+    /// The Kafka message value (JSON).
     pub payload: String,
     /// The `request-id` header.
     pub request_id: Option<String>,
