@@ -77,6 +77,10 @@ VARIANTS = {
     "no_type_index": ("events' (type, created_at, id) index dropped",
                       ["DROP INDEX events_type_created_at_id_idx"],
                       ["CREATE INDEX events_type_created_at_id_idx ON events (type, created_at DESC, id DESC)"]),
+    "generic_plans": ("plan_cache_mode = force_generic_plan (every session of the database): the worker's claim and "
+                      "the relay's select are planned once per connection instead of on every call",
+                      ["ALTER DATABASE {db} SET plan_cache_mode = force_generic_plan"],
+                      ["ALTER DATABASE {db} RESET plan_cache_mode"]),
     "commit_delay": ("group commit: commit_delay = 200 µs, commit_siblings = 5 (every session of the database)",
                      ["ALTER DATABASE {db} SET commit_delay = 200", "ALTER DATABASE {db} SET commit_siblings = 5"],
                      ["ALTER DATABASE {db} RESET commit_delay", "ALTER DATABASE {db} RESET commit_siblings"]),
