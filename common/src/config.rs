@@ -58,7 +58,8 @@
 //!   tracing at all]; `OTEL_EXPORTER_OTLP_PROTOCOL` (or `…_TRACES_PROTOCOL`) [http/protobuf|grpc];
 //!   `OTEL_SERVICE_NAME` [highload-api, highload-worker]; `OTEL_TRACES_SAMPLER` [parentbased_always_on]
 //!   and `OTEL_TRACES_SAMPLER_ARG` [1.0]; `OTEL_SDK_DISABLED` [false]. The exporter itself also honours
-//!   `OTEL_EXPORTER_OTLP_HEADERS`, `…_TIMEOUT` and `…_COMPRESSION`.
+//!   `OTEL_EXPORTER_OTLP_HEADERS` and `…_TIMEOUT` (export is uncompressed: a compression it was not
+//!   built with stops the start).
 //!
 //! The api alone also reads [`AuthConfig`] (SPEC §8), so the worker never needs an issuer:
 //! - `AUTH_MODE` [jwt|none]; with `jwt`, `AUTH_ISSUER`, `AUTH_AUDIENCE` and one of `AUTH_JWKS_URL`
@@ -180,7 +181,9 @@ impl TracesConfig {
             Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
             _ => return Err(env.invalid(var, format!("{endpoint:?} is not an http:// or https:// URL"))),
         }
-        if protocol == OtlpProtocol::Grpc && endpoint.starts_with("https:") {
+        if protocol == OtlpProtocol::Grpc
+            && endpoint.get(..6).is_some_and(|scheme| scheme.eq_ignore_ascii_case("https:"))
+        {
             return Err(env.invalid(var, "gRPC export is plain text here; use http/protobuf for https".into()));
         }
         let service_name = env.optional("OTEL_SERVICE_NAME").map(|name| name.trim().to_owned());

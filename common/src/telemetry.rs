@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::{LogConfig, LogFormat, TracesConfig};
 use crate::traces::{self, Exporter};
 use anyhow::Context;
+use tracing::level_filters::LevelFilter;
 use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -33,7 +34,10 @@ pub fn init(log: &LogConfig, traces: &TracesConfig, service: &'static str) -> an
     let filter =
         EnvFilter::try_new(&log.level).with_context(|| format!("invalid value for LOG_LEVEL: {:?}", log.level))?;
     // Trace-only spans stay out of log lines, whatever LOG_LEVEL enables.
-    let filter = filter.and(filter_fn(|metadata| metadata.target() != traces::CHILD_TARGET));
+    // (The hint keeps EnvFilter's most verbose level the subscriber's, so that a `log` record or event
+    // below it is still dropped by one comparison.)
+    let not_trace_only = filter_fn(|metadata| metadata.target() != traces::CHILD_TARGET);
+    let filter = filter.and(not_trace_only.with_max_level_hint(LevelFilter::TRACE));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
     let logs = match log.format {
         LogFormat::Json => {

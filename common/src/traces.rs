@@ -108,7 +108,8 @@ where
         .with_target(CHILD_TARGET, LevelFilter::INFO);
     let spans = dynamic_filter_fn(|metadata, context| {
         metadata.is_span() && (metadata.target() != CHILD_TARGET || context.lookup_current().is_some())
-    });
+    })
+    .with_max_level_hint(LevelFilter::INFO);
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_location(false)

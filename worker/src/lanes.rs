@@ -240,6 +240,7 @@ async fn process(context: &LaneContext, job: &Job, span: &tracing::Span) -> Opti
         Ok(event) => event,
         Err(error) => {
             tracing::warn!(error, "undecodable message; dead-lettering");
+            common::traces::record_error(span);
             return dead_letter(context, message, &format!("undecodable: {error}"), None).await;
         }
     };
@@ -263,6 +264,7 @@ async fn process(context: &LaneContext, job: &Job, span: &tracing::Span) -> Opti
                 attempt += 1;
                 if attempt >= context.max_retries.max(1) {
                     tracing::error!(error, attempts = attempt, "event failed; dead-lettering");
+                    common::traces::record_error(span);
                     return dead_letter(context, message, &error, Some(event.id)).await;
                 }
                 context.metrics.retried.with_label_values(&["failed"]).inc();

@@ -99,7 +99,7 @@ async fn a_posted_event_is_one_trace_from_the_request_through_kafka_to_the_worke
     // the outbox row and the Kafka headers.
     let applied = receiver
         .wait_for("the worker's span of the event", EXPORTED, |spans| {
-            spans.iter().find(|span| span.service == "highload-worker" && span.trace_id == trace_id).cloned()
+            spans.iter().find(|span| span.kind == CONSUMER && span.trace_id == trace_id).cloned()
         })
         .await;
     assert_eq!(applied.parent_span_id, request.span_id, "{applied:?}");
@@ -123,7 +123,7 @@ async fn a_posted_event_is_one_trace_from_the_request_through_kafka_to_the_worke
     assert_eq!(response.status(), 201);
     let long_applied = receiver
         .wait_for("the worker's span of the event with a long tracestate", EXPORTED, |spans| {
-            spans.iter().find(|span| span.service == "highload-worker" && span.trace_id == long_trace).cloned()
+            spans.iter().find(|span| span.kind == CONSUMER && span.trace_id == long_trace).cloned()
         })
         .await;
     assert_eq!(long_applied.trace_state, "", "{long_applied:?}");
