@@ -101,18 +101,20 @@ pub async fn run_lane(context: LaneContext, mut jobs: mpsc::UnboundedReceiver<Jo
 /// other than PostgreSQL being unavailable, one of its events is bad: the batch is applied message by
 /// message instead, so only that one is retried and dead-lettered.
 async fn handle_batch(context: &LaneContext, batch: &[Job]) -> usize {
+    // One span per message, whichever way it is applied (its log lines, and its span in a trace).
+    let spans: Vec<tracing::Span> = batch.iter().map(|job| event_span(&job.message)).collect();
     if batch.len() > 1 {
         let decoded: Option<Vec<EventMessage>> = batch.iter().map(|job| decode(&job.message).ok()).collect();
         if let Some(events) = decoded {
-            match apply_batch(context, batch, &events).await {
+            match apply_batch(context, batch, &events, &spans).await {
                 BatchOutcome::Applied => return batch.len(),
                 BatchOutcome::Stopped => return 0,
                 BatchOutcome::Split => {}
             }
         }
     }
-    for (finished, job) in batch.iter().enumerate() {
-        if handle(context, job).await.is_none() {
+    for (finished, (job, span)) in batch.iter().zip(&spans).enumerate() {
+        if process(context, job, span).instrument(span.clone()).await.is_none() {
             return finished;
         }
     }
@@ -125,25 +127,25 @@ enum BatchOutcome {
     Split,
 }
 
-async fn apply_batch(context: &LaneContext, batch: &[Job], events: &[EventMessage]) -> BatchOutcome {
+/// `spans` are the messages' own: each covers the batch's work; the batch's database span sits
+/// under the first.
+async fn apply_batch(
+    context: &LaneContext,
+    batch: &[Job],
+    events: &[EventMessage],
+    spans: &[tracing::Span],
+) -> BatchOutcome {
     let started = std::time::Instant::now();
     let refs: Vec<&EventMessage> = events.iter().collect();
-    // Each event's span covers the batch's work; the batch's database span sits under the first.
-    let spans: Vec<tracing::Span> = batch
-        .iter()
-        .zip(events)
-        .map(|(job, event)| {
-            let span = event_span(&job.message);
-            record_event(&span, event);
-            span
-        })
-        .collect();
+    for (span, event) in spans.iter().zip(events) {
+        record_event(span, event);
+    }
     let mut backoff = Backoff::new(context.retry_backoff, MAX_BACKOFF);
     loop {
         let first = spans.first().cloned().unwrap_or_else(tracing::Span::none);
         match effects::apply(&context.pool, &refs).instrument(first).await {
             Ok(applied) => {
-                for (((job, event), applied), span) in batch.iter().zip(events).zip(applied).zip(&spans) {
+                for (((job, event), applied), span) in batch.iter().zip(events).zip(applied).zip(spans) {
                     span.in_scope(|| finished(context, applied, started));
                     record_age(context, job, event, applied);
                 }
@@ -162,12 +164,6 @@ async fn apply_batch(context: &LaneContext, batch: &[Job], events: &[EventMessag
             return BatchOutcome::Stopped;
         }
     }
-}
-
-/// Applies a message; `None` when shutdown interrupted it (not finished: it will be redelivered).
-async fn handle(context: &LaneContext, job: &Job) -> Option<()> {
-    let span = event_span(&job.message);
-    process(context, job, &span).instrument(span.clone()).await
 }
 
 /// The span of one message (its log lines, and with traces on its span in the trace of the request
@@ -234,6 +230,8 @@ fn record_age(context: &LaneContext, job: &Job, event: &EventMessage, applied: A
     ages.with_label_values(&["processed"]).observe(age(Utc::now()));
 }
 
+/// Applies a message in its `span`; `None` when shutdown interrupted it (not finished: it will be
+/// redelivered).
 async fn process(context: &LaneContext, job: &Job, span: &tracing::Span) -> Option<()> {
     let message = &job.message;
     let event = match decode(message) {
