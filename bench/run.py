@@ -416,8 +416,8 @@ def measure_worker(stack, args, ids_file):
     wait_outbox_drained(stack)
     # Every api runs the outbox relay; one left on the old topic could take the publisher lock and send
     # the measured events where the worker is not listening.
-    stack.stop_process("api_uncached")
-    stack.stop_process("api_auth")
+    for other in ("api_uncached", "api_auth", "api_traced"):
+        stack.stop_process(other)
     stack.restart_api(KAFKA_TOPIC="bench-worker", KAFKA_GROUP_ID="bench-worker")
     # Idle: holding its partitions, nothing to do yet. Stopped again so that the backlog below builds
     # up. (It must not leave mid-join, so start_worker waits for the assignment: tansu's group
