@@ -41,6 +41,21 @@ async fn create_user(stack: &Stack, base: &str, headers: &[(&str, &str)]) -> Str
     response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
 }
 
+/// POSTs an event for `user` with a trace context; returns the event's id.
+async fn post_traced_event(stack: &Stack, base: &str, user: &str, traceparent: &str, tracestate: &str) -> String {
+    let response = stack
+        .client
+        .post(format!("{base}/api/v1/events"))
+        .header("traceparent", traceparent)
+        .header("tracestate", tracestate)
+        .json(&json!({"user_id": user, "type": "traced", "data": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+}
+
 fn child_of<'a>(spans: &'a [ReceivedSpan], parent: &ReceivedSpan, name: &str) -> Option<&'a ReceivedSpan> {
     spans.iter().find(|span| span.name == name && span.parent_span_id == parent.span_id)
 }
@@ -62,17 +77,7 @@ async fn a_posted_event_is_one_trace_from_the_request_through_kafka_to_the_worke
 
     let (trace_id, caller_span) = (testkit::unique(), testkit::unique()[..16].to_owned());
     let traceparent = format!("00-{trace_id}-{caller_span}-01");
-    let response = stack
-        .client
-        .post(format!("{base}/api/v1/events"))
-        .header("traceparent", &traceparent)
-        .header("tracestate", "caller=7")
-        .json(&json!({"user_id": user, "type": "traced", "data": {}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let event_id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let event_id = post_traced_event(&stack, &base, &user, &traceparent, "caller=7").await;
 
     // The api's request span continues the caller's trace, with its database and outbox work under it.
     let request = receiver
@@ -111,16 +116,8 @@ async fn a_posted_event_is_one_trace_from_the_request_through_kafka_to_the_worke
     // beyond 512 characters): the trace goes on without it.
     let (long_trace, long_caller) = (testkit::unique(), testkit::unique()[..16].to_owned());
     let long_state: Vec<String> = (0..20).map(|n| format!("k{n}={}", "v".repeat(200))).collect();
-    let response = stack
-        .client
-        .post(format!("{base}/api/v1/events"))
-        .header("traceparent", format!("00-{long_trace}-{long_caller}-01"))
-        .header("tracestate", long_state.join(","))
-        .json(&json!({"user_id": user, "type": "traced", "data": {}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
+    let long_parent = format!("00-{long_trace}-{long_caller}-01");
+    post_traced_event(&stack, &base, &user, &long_parent, &long_state.join(",")).await;
     let long_applied = receiver
         .wait_for("the worker's span of the event with a long tracestate", EXPORTED, |spans| {
             spans.iter().find(|span| span.kind == CONSUMER && span.trace_id == long_trace).cloned()
