@@ -24,26 +24,12 @@ from pathlib import Path
 
 from run import RELEASE, Stack, cpu_seconds, drain, log, postgres_cpu_seconds, psql, seed, wrk
 
-# The migration's totals trigger on events' inserts, as created (restored after a variant replaced it).
-EVENTS_COUNT_TRIGGER = """CREATE TRIGGER events_count_insert AFTER INSERT ON events
-    REFERENCING NEW TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION row_counts_add()"""
-
-# The migration's function behind the totals triggers, as created.
-ROW_COUNTS_ADD = """CREATE OR REPLACE FUNCTION row_counts_add() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    delta bigint;
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        SELECT count(*) INTO delta FROM changed_rows;
-    ELSE
-        SELECT -count(*) INTO delta FROM changed_rows;
-    END IF;
-    IF delta <> 0 THEN
-        INSERT INTO row_counts (table_name, shard, count) VALUES (TG_TABLE_NAME, pg_backend_pid() % 32, delta)
-        ON CONFLICT (table_name, shard) DO UPDATE SET count = row_counts.count + EXCLUDED.count;
-    END IF;
-    RETURN NULL;
-END $$"""
+# The totals trigger on events' inserts and the function behind it, exactly as the migration that
+# creates them says (read from it, so that a variant is always undone to what production runs).
+ROW_COUNTS_MIGRATION = (Path(__file__).resolve().parent.parent / "migrations/2026-11-25-000003_row_counts/up.sql").read_text()
+EVENTS_COUNT_TRIGGER = re.search(r"CREATE TRIGGER events_count_insert .*?;", ROW_COUNTS_MIGRATION, re.S).group(0)[:-1]
+ROW_COUNTS_ADD = re.search(r"CREATE FUNCTION row_counts_add\(\).*?END \$\$", ROW_COUNTS_MIGRATION, re.S).group(0).replace(
+    "CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
 
 # name: (description, SQL applied before the variant's runs, SQL undoing it). Database-level settings
 # take effect in new sessions: the api and the worker are restarted before every run.
