@@ -195,11 +195,12 @@ class Stack:
             "AUTH_JWKS_FILE": str(ROOT / "dev/auth/jwks.json"), "RATE_LIMIT_RPS": "100000"})
         # The cached api once more with traces on: every request sampled (the default sampler, with
         # no caller's traceparent), its spans exported over OTLP/HTTP to a sink in this process. Its
-        # cached GETs never reach PostgreSQL, so it keeps a small pool: with the other apis, the worker
-        # and pgbench's clients, PostgreSQL's 100 connections are nearly all taken.
+        # cached GETs never reach PostgreSQL, so it keeps one connection (its relay's): the three other
+        # apis' pools (16 each), the refserver's 16 and pgbench's 32 clients take 96 of PostgreSQL's
+        # 100 connections already (a pool of 2 here made a CI run's pgbench fail to connect).
         self.start("api_traced", [RELEASE / "api"], {
             **self.env, "SERVER_PORT": str(self.ports["api_traced"]), "RUN_MIGRATIONS": "false", "CACHE_TTL": "7200",
-            "DB_POOL_MAX_SIZE": "2", "DB_POOL_MIN_IDLE": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": start_otlp_sink()})
+            "DB_POOL_MAX_SIZE": "1", "DB_POOL_MIN_IDLE": "0", "OTEL_EXPORTER_OTLP_ENDPOINT": start_otlp_sink()})
         self.start("api_uncached", [RELEASE / "api"], {**self.env, "SERVER_PORT": str(self.ports["api_uncached"]),
                                                         "CACHE_TTL": "0", "RUN_MIGRATIONS": "false"})
         self.start("ref", [RELEASE / "refserver"], {**self.env, "REF_PORT": str(self.ports["ref"]),
@@ -313,7 +314,10 @@ def pgbench(db, script, seconds, users):
         # (Debian's PostgreSQL has it on), and the ceiling would pay for encryption the service does not.
         capture_output=True, text=True, env={**os.environ, "PGSSLMODE": "disable"})
     if result.returncode != 0:
-        raise SystemExit(f"pgbench {script} failed:\n{result.stdout}\n{result.stderr}")
+        # Who held PostgreSQL's connections (the usual cause: pools and pgbench over max_connections).
+        held = psql("SELECT coalesce(nullif(application_name, ''), usename) || ': ' || count(*) FROM pg_stat_activity "
+                    "WHERE backend_type = 'client backend' GROUP BY 1 ORDER BY 1", capture=True)
+        raise SystemExit(f"pgbench {script} failed:\n{result.stdout}\n{result.stderr}\nconnections held:\n{held}")
     output = result.stdout
     pg_cpu = postgres_cpu_seconds() - pg_before
     transactions = int(re.search(r"number of transactions actually processed: (\d+)", output).group(1))
