@@ -9,6 +9,9 @@ use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, I
 use crate::db::DbPool;
 use crate::routes::{Endpoint, Routes};
 
+/// Batch sizes from one event to [`crate::events::writer::MAX_BATCH`].
+const EVENT_BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
 /// Every metric the api exports.
 pub struct ApiMetrics {
     /// The registry `/metrics` renders.
@@ -45,6 +48,8 @@ pub struct ApiMetrics {
     pub idempotent_requests: IntCounterVec,
     /// Stored answers deleted by the expiry job.
     pub idempotency_keys_expired: IntCounter,
+    /// Events per insert statement (see [`crate::events::writer`]).
+    pub event_batch_size: Histogram,
     db_connections: IntGaugeVec,
     db_max_connections: IntGauge,
     db_waits: IntCounter,
@@ -124,6 +129,11 @@ impl ApiMetrics {
             ),
             idempotency_keys_expired: r
                 .counter("idempotency_keys_expired_total", "Stored idempotent answers deleted after IDEMPOTENCY_TTL"),
+            event_batch_size: r.histogram(
+                "event_insert_batch_size",
+                "POSTed events written per insert statement (concurrent requests share one)",
+                EVENT_BATCH_BUCKETS,
+            ),
             db_connections: r.gauge_vec("db_pool_connections", "PostgreSQL pool connections by state", &["state"]),
             db_max_connections: r.gauge("db_pool_max_connections", "PostgreSQL pool size limit"),
             db_waits: r.counter("db_pool_waits_total", "Checkouts that had to wait for a connection"),

@@ -11,6 +11,7 @@ use common::config::Config;
 use crate::auth::Authenticator;
 use crate::cache::UserCache;
 use crate::db::DbPool;
+use crate::events::writer::EventWriter;
 use crate::metrics::ApiMetrics;
 use crate::outbox::relay::OutboxSignal;
 use crate::ratelimit::RateLimiter;
@@ -32,6 +33,8 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     /// PostgreSQL pool.
     pub db: DbPool,
+    /// Writes POSTed events, concurrent ones in one statement.
+    pub event_writer: EventWriter,
     /// Redis user cache.
     pub cache: UserCache,
     /// Compiled route table.
@@ -52,7 +55,7 @@ pub struct Inner {
 }
 
 impl AppState {
-    /// Bundles the parts.
+    /// Bundles the parts (and starts the event writer's task: call inside the runtime).
     pub fn new(
         db: DbPool,
         cache: UserCache,
@@ -62,7 +65,9 @@ impl AppState {
         clients: Clients,
     ) -> Self {
         let in_flight = Semaphore::new(config.server.max_inflight_requests);
+        let event_writer = EventWriter::start(db.clone(), metrics.event_batch_size.clone());
         Self(Arc::new(Inner {
+            event_writer,
             metrics,
             clients,
             in_flight,

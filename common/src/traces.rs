@@ -202,6 +202,12 @@ pub fn outbox_insert() -> Span {
     tracing::info_span!(target: CHILD_TARGET, "outbox insert", otel.kind = "internal")
 }
 
+/// The span of one statement inserting `events` events with their outbox rows, under each request's
+/// own `postgres` span (the statement is shared: see the api's event writer).
+pub fn outbox_insert_batch(events: usize) -> Span {
+    tracing::info_span!(target: CHILD_TARGET, "outbox insert", otel.kind = "internal", db.operation.batch.size = events)
+}
+
 /// A header lookup as an OpenTelemetry extractor.
 struct Carrier<'a, F>(F, PhantomData<&'a ()>);
 

@@ -7,7 +7,7 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use http::StatusCode;
 use uuid::Uuid;
 
-use super::repo::{self, EventFilter};
+use super::repo::{self, EventFilter, NewEvent};
 use super::validate;
 use crate::http::error::ApiError;
 use crate::http::query::{Cursor, Pagination};
@@ -17,8 +17,8 @@ use crate::outbox;
 use crate::pages;
 use crate::state::AppState;
 
-/// `POST /api/v1/events`: the event and its outbox row in one statement (with an
-/// `Idempotency-Key`, one transaction that also stores the answer).
+/// `POST /api/v1/events`: the event and its outbox row, in a statement shared with concurrent
+/// requests (see [`super::writer`]); with an `Idempotency-Key`, in one transaction that also stores the answer.
 pub async fn create(
     state: &AppState,
     origin: &outbox::Origin,
@@ -28,16 +28,30 @@ pub async fn create(
     let event = validate::new_event(request, state.config.events.max_data_bytes)?;
     let row = repo::new_row(event);
     let message = outbox::client_event(&row, origin)?;
-    let written = idempotency::write(&state.db, idempotent, WithoutKey::OneStatement, move |conn| {
+    let new = NewEvent { row, message };
+    let Some(idempotent) = idempotent else {
+        let answer = created(&new.row)?;
+        state.event_writer.write(new).await?;
+        state.outbox_signal.rows_committed();
+        return Ok(answer.into_response());
+    };
+    let written = idempotency::write(&state.db, Some(idempotent), WithoutKey::Transaction, move |conn| {
         Box::pin(async move {
-            repo::insert_with_message(conn, &row, &message).await.map_err(unknown_user)?;
-            let location = format!("/api/v1/events/{}", row.id);
-            let body = serde_json::to_vec(&to_wire(row)?).expect("wire types always serialize");
-            Ok(((), Answer::created(location, Bytes::from(body))))
+            let written = repo::insert_with_messages(conn, std::slice::from_ref(&new)).await.map_err(unknown_user)?;
+            if written.is_empty() {
+                return Err(ApiError::NotFound("user"));
+            }
+            Ok(((), created(&new.row)?))
         })
     })
     .await?;
     Ok(written.into_created_response(&state.outbox_signal))
+}
+
+/// 201 with the event.
+fn created(row: &EventRow) -> Result<Answer, ApiError> {
+    let body = serde_json::to_vec(&to_wire(row.clone())?).expect("wire types always serialize");
+    Ok(Answer::created(format!("/api/v1/events/{}", row.id), Bytes::from(body)))
 }
 
 /// `GET /api/v1/events/{id}`

@@ -3,3 +3,4 @@
 pub mod handlers;
 mod repo;
 mod validate;
+pub mod writer;

@@ -2,7 +2,7 @@
 
 use chrono::{SubsecRound, Utc};
 use common::db::models::{EventRow, NewOutboxRow, UserEventStatsRow};
-use common::db::prepared::Bind;
+use common::db::prepared::{Bind, Prepared};
 use common::db::schema::{events, user_event_stats, users};
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
@@ -11,7 +11,6 @@ use uuid::Uuid;
 
 use super::validate::ValidEvent;
 use crate::http::query::Pagination;
-use crate::outbox;
 use crate::pages;
 
 /// Filters of the events list.
@@ -21,14 +20,36 @@ pub struct EventFilter {
     pub event_type: Option<String>,
 }
 
-/// The event and the outbox row announcing it in one statement: atomic without BEGIN and COMMIT, so
-/// one round trip where a transaction takes four.
-const INSERT_WITH_MESSAGE: &str = "
-WITH event AS (
-    INSERT INTO events (id, user_id, type, data, created_at) VALUES ($1, $2, $3, $4, $5)
+/// Events and the outbox rows announcing them, any number in one statement: atomic without BEGIN
+/// and COMMIT, and one statement, trigger run and commit for a whole batch (see [`super::writer`]).
+/// Events of users that do not exist are left out (the caller answers 404 for them) rather than
+/// failing the others' foreign key; the ids of those written come back. The outbox rows are
+/// inserted in the batch's order, so that their ids (the relay's publishing order) follow it.
+const INSERT_WITH_MESSAGES: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[],
+                         $6::text[], $7::text[], $8::text[], $9::text[])
+        WITH ORDINALITY AS input (id, user_id, type, data, created_at,
+                                  payload, request_id, traceparent, tracestate, position)
+), event AS (
+    INSERT INTO events (id, user_id, type, data, created_at)
+    SELECT id, user_id, type, data, created_at FROM input
+    WHERE EXISTS (SELECT FROM users WHERE users.id = input.user_id)
+    RETURNING id
 )
 INSERT INTO outbox (event_id, user_id, event_type, payload, request_id, traceparent, tracestate)
-    VALUES ($6, $7, $8, $9, $10, $11, $12)";
+SELECT input.id, input.user_id, input.type, input.payload, input.request_id, input.traceparent, input.tracestate
+FROM input JOIN event USING (id) ORDER BY input.position
+RETURNING event_id";
+
+/// An event to insert with its outbox message (whose `event_id` is the event's id).
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// The row.
+    pub row: EventRow,
+    /// The message announcing it.
+    pub message: NewOutboxRow,
+}
 
 /// A new pending event as it will be stored. Its `created_at` is taken here (at the precision
 /// PostgreSQL keeps), so that the outbox message can be built before the insert.
@@ -44,21 +65,40 @@ pub fn new_row(event: ValidEvent) -> EventRow {
     }
 }
 
-/// Inserts the event and its outbox row (see [`INSERT_WITH_MESSAGE`]; the row's values, then
-/// the outbox row's).
-pub async fn insert_with_message(
-    conn: &mut AsyncPgConnection,
-    row: &EventRow,
-    message: &NewOutboxRow,
-) -> Result<(), DieselError> {
-    let values = vec![
-        Bind::Uuid(row.id),
-        Bind::Uuid(row.user_id),
-        Bind::Text(&row.event_type),
-        Bind::Text(&row.data),
-        Bind::Timestamp(row.created_at),
+#[derive(QueryableByName)]
+struct Written {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    event_id: Uuid,
+}
+
+/// Inserts `batch` (see [`INSERT_WITH_MESSAGES`]); returns the ids of the events written, which are
+/// all but those of users that do not exist.
+pub async fn insert_with_messages(conn: &mut AsyncPgConnection, batch: &[NewEvent]) -> Result<Vec<Uuid>, DieselError> {
+    let ids: Vec<Uuid> = batch.iter().map(|new| new.row.id).collect();
+    let user_ids: Vec<Uuid> = batch.iter().map(|new| new.row.user_id).collect();
+    let types: Vec<&str> = batch.iter().map(|new| new.row.event_type.as_str()).collect();
+    let data: Vec<&str> = batch.iter().map(|new| new.row.data.as_str()).collect();
+    let created_at: Vec<_> = batch.iter().map(|new| new.row.created_at).collect();
+    let payloads: Vec<&str> = batch.iter().map(|new| new.message.message.payload.as_str()).collect();
+    let optional = |field: fn(&NewEvent) -> &Option<String>| -> Vec<Option<&str>> {
+        batch.iter().map(|new| field(new).as_deref()).collect()
+    };
+    let request_ids = optional(|new| &new.message.message.request_id);
+    let traceparents = optional(|new| &new.message.message.traceparent);
+    let tracestates = optional(|new| &new.message.message.tracestate);
+    let binds = vec![
+        Bind::Uuids(&ids),
+        Bind::Uuids(&user_ids),
+        Bind::Texts(&types),
+        Bind::Texts(&data),
+        Bind::Timestamps(&created_at),
+        Bind::Texts(&payloads),
+        Bind::OptionalTexts(&request_ids),
+        Bind::OptionalTexts(&traceparents),
+        Bind::OptionalTexts(&tracestates),
     ];
-    outbox::insert_with(conn, INSERT_WITH_MESSAGE, values, message).await
+    let written = Prepared::new(INSERT_WITH_MESSAGES, binds).load::<Written>(conn).await?;
+    Ok(written.into_iter().map(|row| row.event_id).collect())
 }
 
 /// The event with this id, if any.

@@ -1,6 +1,8 @@
 //! The events API and stats, success and error cases (SPEC §2 "Events"), and the outbox rows they
 //! write (SPEC §3). The worker side is tested in `worker/tests`.
 
+use std::time::Duration;
+
 use diesel::QueryableByName;
 use diesel::sql_types::{Nullable, Text};
 use diesel_async::RunQueryDsl;
@@ -210,4 +212,113 @@ async fn every_write_puts_its_message_in_the_outbox_in_the_same_transaction() {
     assert_eq!(status, 404);
     let (_, listed) = app.get(&format!("/api/v1/events?user_id={user_id}")).await;
     assert_eq!(listed["total"], 0);
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    count: i64,
+}
+
+async fn count(conn: &mut diesel_async::AsyncPgConnection, sql: &str) -> i64 {
+    diesel::sql_query(sql).get_result::<Count>(conn).await.unwrap().count
+}
+
+/// Concurrent POSTs share insert statements (`events::writer`), and each request still gets its own
+/// answer: an unknown user's event is left out (404) and an event PostgreSQL refuses fails alone
+/// (500), while the others of the same statement are written, each with its outbox row.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_events_share_a_statement_and_each_gets_its_own_answer() {
+    let port = testkit::closed_port().to_string();
+    let app = std::sync::Arc::new(spawn_app_with(&[("KAFKA_BROKERS", &format!("127.0.0.1:{port}"))]).await);
+    let mut users = Vec::new();
+    for n in 0..4 {
+        users.push(app.create_user(&unique_email(&format!("batch{n}"))).await["id"].as_str().unwrap().to_owned());
+    }
+    let database = app.config.database.name.clone();
+    let mut admin = testkit::connect(&database).await;
+    // An event PostgreSQL refuses (as it would one whose user was deleted meanwhile).
+    diesel::sql_query(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'poisoned event'; END $$",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    diesel::sql_query(
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON events FOR EACH ROW WHEN (NEW.type = 'poison') \
+         EXECUTE FUNCTION refuse_poison()",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+
+    // Every statement slot is taken by an insert waiting on the totals' lock, so the requests that
+    // follow queue, and the next statement takes them all at once.
+    let mut blocker = testkit::connect(&database).await;
+    diesel::sql_query("BEGIN").execute(&mut blocker).await.unwrap();
+    diesel::sql_query("LOCK TABLE row_counts IN SHARE MODE").execute(&mut blocker).await.unwrap();
+    let post = |user: String, event_type: &'static str| {
+        let app = std::sync::Arc::clone(&app);
+        tokio::spawn(async move {
+            let (status, body) = post_event(&app, json!({"user_id": user, "type": event_type, "data": {}})).await;
+            (event_type, status, body)
+        })
+    };
+    let slots = api::events::writer::STATEMENTS_IN_FLIGHT;
+    let mut requests = Vec::new();
+    for n in 0..slots {
+        requests.push(post(users[0].clone(), "login"));
+        let waiting = format!(
+            "SELECT count(*) AS count FROM pg_stat_activity WHERE datname = '{database}' AND wait_event_type = 'Lock'"
+        );
+        testkit::eventually("an insert waiting on the lock", Duration::from_secs(10), || {
+            let waiting = waiting.clone();
+            let database = database.clone();
+            async move {
+                let mut conn = testkit::connect(&database).await;
+                (count(&mut conn, &waiting).await == n as i64 + 1).then_some(())
+            }
+        })
+        .await;
+    }
+    for n in 0..40 {
+        let (user, event_type) = match n % 8 {
+            0 => (Uuid::new_v4().to_string(), "login"),
+            1 => (users[n % 4].clone(), "poison"),
+            _ => (users[n % 4].clone(), "login"),
+        };
+        requests.push(post(user, event_type));
+    }
+    app.wait_for_in_flight(slots + 40).await;
+    diesel::sql_query("COMMIT").execute(&mut blocker).await.unwrap();
+
+    let mut written = Vec::new();
+    for request in requests {
+        let (event_type, status, body) = request.await.unwrap();
+        match (event_type, status) {
+            ("login", 201) => written.push(body["id"].as_str().unwrap().to_owned()),
+            ("login", 404) => assert_eq!(error_code(&body), "not_found"),
+            ("poison", 500) => assert_eq!(error_code(&body), "internal_error"),
+            other => panic!("unexpected answer {other:?}: {body}"),
+        }
+    }
+    assert_eq!(written.len(), slots + 30, "every event of an existing user was written");
+
+    // The 40 queued requests went in one statement (the batch-size histogram's largest bucket).
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let at_most_16 = metrics.lines().find_map(|line| line.strip_prefix("event_insert_batch_size_bucket{le=\"16\"} "));
+    let all = metrics.lines().find_map(|line| line.strip_prefix("event_insert_batch_size_count "));
+    let (at_most_16, all): (u64, u64) = (at_most_16.unwrap().parse().unwrap(), all.unwrap().parse().unwrap());
+    assert!(all > at_most_16, "no statement held more than 16 events:\n{metrics}");
+
+    // Each written event has exactly one outbox row, and nothing else was written.
+    let ids = written.iter().map(|id| format!("'{id}'")).collect::<Vec<_>>().join(",");
+    let events = format!("SELECT count(*) AS count FROM events WHERE id IN ({ids})");
+    assert_eq!(count(&mut admin, &events).await, written.len() as i64);
+    assert_eq!(count(&mut admin, "SELECT count(*) AS count FROM events").await, written.len() as i64);
+    let messages = format!("SELECT count(*) AS count FROM outbox WHERE event_id IN ({ids})");
+    assert_eq!(count(&mut admin, &messages).await, written.len() as i64);
+    let (_, listed) = app.get("/api/v1/events?limit=1").await;
+    assert_eq!(listed["total"], written.len() as u64, "the list's total counts every batch's events");
 }

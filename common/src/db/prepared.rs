@@ -32,10 +32,16 @@ pub enum Bind<'a> {
     Uuids(&'a [Uuid]),
     /// `text`
     Text(&'a str),
+    /// `text[]`
+    Texts(&'a [&'a str]),
     /// `text`, possibly NULL
     OptionalText(Option<&'a str>),
+    /// `text[]` whose elements may be NULL
+    OptionalTexts(&'a [Option<&'a str>]),
     /// `timestamptz`
     Timestamp(DateTime<Utc>),
+    /// `timestamptz[]`
+    Timestamps(&'a [DateTime<Utc>]),
     /// `bigint`
     BigInt(i64),
 }
@@ -79,8 +85,11 @@ impl QueryFragment<Pg> for Prepared<'_> {
                 Bind::Uuid(value) => out.push_bind_param::<SqlUuid, _>(value)?,
                 Bind::Uuids(values) => out.push_bind_param::<Array<SqlUuid>, _>(values)?,
                 Bind::Text(value) => out.push_bind_param::<Text, _>(value)?,
+                Bind::Texts(values) => out.push_bind_param::<Array<Text>, _>(values)?,
                 Bind::OptionalText(value) => out.push_bind_param::<Nullable<Text>, _>(value)?,
+                Bind::OptionalTexts(values) => out.push_bind_param::<Array<Nullable<Text>>, _>(values)?,
                 Bind::Timestamp(value) => out.push_bind_param::<Timestamptz, _>(value)?,
+                Bind::Timestamps(values) => out.push_bind_param::<Array<Timestamptz>, _>(values)?,
                 Bind::BigInt(value) => out.push_bind_param::<BigInt, _>(value)?,
             }
             rest = &rest[dollar + 1 + digits..];

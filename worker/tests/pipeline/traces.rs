@@ -96,9 +96,10 @@ async fn a_posted_event_is_one_trace_from_the_request_through_kafka_to_the_worke
         .wait_for("the request's PostgreSQL span", EXPORTED, |spans| child_of(spans, &request, "postgres").cloned())
         .await;
     assert_eq!((postgres.trace_id.as_str(), postgres.kind), (trace_id.as_str(), CLIENT));
-    receiver
+    let insert = receiver
         .wait_for("the outbox insert's span", EXPORTED, |spans| child_of(spans, &postgres, "outbox insert").cloned())
         .await;
+    assert_eq!(insert.attributes["db.operation.batch.size"], "1", "a lone request's statement holds its event alone");
 
     // The worker's span for the event is a child of the request's span: the context went through
     // the outbox row and the Kafka headers.
