@@ -77,11 +77,11 @@ COUNTERS = ("calls", "plans", "total_exec_time", "total_plan_time", "rows", "sha
             "shared_blks_dirtied", "shared_blks_written", "wal_records", "wal_fpi", "wal_bytes")
 WAL_COUNTERS = ("wal_records", "wal_fpi", "wal_bytes", "wal_write", "wal_sync")
 
-INSERT, SELECT, DELETE, CLAIM = ("api: event + outbox row (CTE)", "relay: select a batch", "relay: delete the acknowledged",
+INSERT, SELECT, DELETE, CLAIM = ("api: events + outbox rows (a batch)", "relay: select a batch", "relay: delete the acknowledged",
                                  "worker: claim and count a batch")
 # Short names for the statements of the path, by a pattern of their text; others show their text.
 LABELS = (
-    (r"WITH event AS \( INSERT INTO events", INSERT),
+    (r"WITH input AS \( SELECT \* FROM unnest", INSERT),
     (r"count\(\*\) +FROM changed_rows", "↳ trigger: count the transition table"),
     (r"^INSERT INTO row_counts", "↳ trigger: counter shard upsert"),
     (r'^SELECT .* FROM "outbox" WHERE', SELECT),
@@ -315,8 +315,8 @@ PREPARE relay_delete AS {texts[DELETE]};
 PREPARE claim AS {texts[CLAIM]};
 \\echo ===== {INSERT} (auto_explain: the statement, then the statements of its trigger)
 SET auto_explain.log_min_duration = 0;
-EXECUTE insert_event(gen_random_uuid(), '{user}', 'bench', '{{"n":1}}', now(), gen_random_uuid(), '{user}', 'bench',
-                     '{{}}', NULL, NULL, NULL);
+EXECUTE insert_event(ARRAY[gen_random_uuid()], ARRAY['{user}'::uuid], ARRAY['bench'], ARRAY['{{"n":1}}'], ARRAY[now()],
+                     ARRAY['{{}}'], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::text]);
 SET auto_explain.log_min_duration = -1;
 \\echo ===== {SELECT}: 201 rows waiting
 {analyze} EXECUTE relay_select('{{}}', :epoch, 500);

@@ -34,9 +34,12 @@ use uuid::Uuid;
 use super::repo::{self, NewEvent};
 use crate::http::error::ApiError;
 
-/// Insert statements running at once (per api process). Few, so that batches form under load;
-/// more than one, so that a batch's commit (a WAL flush) overlaps the next batch's execution.
-pub const STATEMENTS_IN_FLIGHT: usize = 4;
+/// Insert statements running at once (per api process). Few, so that batches form under load:
+/// measured side by side (POSTs from 32 connections, BENCHMARKS.md), 1, 2, 4 and 8 statements gave
+/// 7.9k, 7.8–8.9k, 6.8k and 5.6k events/s at 96, 78–110, 146–158 and 207–210 µs of PostgreSQL CPU
+/// per event. Two rather than one, so that one slow statement (waiting on a lock) does not stall
+/// every event of the replica.
+pub const STATEMENTS_IN_FLIGHT: usize = 2;
 
 /// Most events in one statement (about 10 ms of PostgreSQL's time at the measured cost per event).
 pub const MAX_BATCH: usize = 128;
