@@ -12,6 +12,7 @@ pub mod backoff;
 pub mod binary;
 pub mod config;
 pub mod db;
+pub mod group_commit;
 pub mod kafka;
 pub mod metrics;
 pub mod pool;

@@ -15,7 +15,7 @@ use rdkafka::producer::FutureRecord;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::effects::{self, Applied, EffectError};
+use crate::effects::{self, Applied, EffectError, Effects};
 
 /// One message for a lane, tagged with where its completion must be reported.
 pub struct Job {
@@ -60,6 +60,8 @@ pub struct Done {
 pub struct LaneContext {
     /// PostgreSQL.
     pub pool: DbPool,
+    /// Applies batches, several lanes' in one statement.
+    pub effects: Effects,
     /// For dead letters.
     pub producer: KafkaProducer,
     /// `<topic>.dlq`.
@@ -143,7 +145,7 @@ async fn apply_batch(
     let mut backoff = Backoff::new(context.retry_backoff, MAX_BACKOFF);
     loop {
         let first = spans.first().cloned().unwrap_or_else(tracing::Span::none);
-        match effects::apply(&context.pool, &refs).instrument(first).await {
+        match context.effects.apply(&refs).instrument(first).await {
             Ok(applied) => {
                 for (((job, event), applied), span) in batch.iter().zip(events).zip(applied).zip(spans) {
                     span.in_scope(|| finished(context, applied, started));
@@ -248,7 +250,7 @@ async fn process(context: &LaneContext, job: &Job, span: &tracing::Span) -> Opti
     let mut attempt = 0;
     let mut backoff = Backoff::new(context.retry_backoff, MAX_BACKOFF);
     loop {
-        match effects::apply(&context.pool, &[&event]).await {
+        match context.effects.apply(&[&event]).await {
             Ok(applied) => {
                 finished(context, applied[0], started);
                 record_age(context, job, &event, applied[0]);

@@ -59,6 +59,7 @@ impl Worker {
         let metrics = std::sync::Arc::new(metrics::WorkerMetrics::new());
         let lanes = LaneContext {
             metrics: metrics.clone(),
+            effects: effects::Effects::start(pool.clone(), metrics.statement_batches.clone()),
             pool,
             producer,
             dlq_topic: config.kafka.dlq_topic(),

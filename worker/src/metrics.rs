@@ -25,6 +25,8 @@ pub struct WorkerMetrics {
     pub in_flight_bytes: IntGauge,
     /// Per partition: the broker's end offset minus the group's committed offset.
     pub lag: IntGaugeVec,
+    /// Lanes' batches applied per statement (see [`crate::effects::Effects`]).
+    pub statement_batches: Histogram,
 }
 
 impl WorkerMetrics {
@@ -46,6 +48,11 @@ impl WorkerMetrics {
             in_flight: r.gauge("worker_events_in_flight", "Messages received and not yet finished"),
             in_flight_bytes: r.gauge("worker_events_in_flight_bytes", "Bytes of the messages in flight"),
             lag: r.gauge_vec("kafka_consumer_lag", "End offset minus committed offset, per partition", &["partition"]),
+            statement_batches: r.histogram(
+                "worker_effects_statement_batches",
+                "Lanes' batches applied per statement (concurrent lanes share one)",
+                &[1.0, 2.0, 4.0, 8.0, 16.0],
+            ),
             registry,
         }
     }

@@ -1,18 +1,8 @@
-//! Group commit for `POST /api/v1/events`: concurrent requests share one insert statement and one
-//! commit.
-//!
-//! Why: most of what PostgreSQL does for an event is per statement, not per row: the round trip,
-//! executor start-up, the totals trigger (statement-level), the commit and its WAL flush. Measured
-//! with pgbench (BENCHMARKS.md, "Where PostgreSQL's work per event goes"), an event and its outbox
-//! row cost 166–183 µs of PostgreSQL CPU alone in their statement, and 30–56 µs each eight to a
-//! statement.
-//!
-//! How: a request queues its event and waits. At most [`STATEMENTS_IN_FLIGHT`] insert statements run
-//! at once; each takes every event queued when it starts (up to [`MAX_BATCH`]). So a lone request
-//! never waits for company (a free slot sends its event at once), and batches form only while every
-//! slot is busy, that is while PostgreSQL is what the requests wait for. A request is answered only
-//! once the statement holding its event has committed (SPEC §3): the guarantees are those of one
-//! statement per event.
+//! Group commit for `POST /api/v1/events` ([`common::group_commit`]): concurrent requests share one
+//! insert statement and one commit. A request is answered only once the statement holding its event
+//! has committed (SPEC §3): the guarantees are those of one statement per event. Measured with
+//! pgbench (BENCHMARKS.md), an event and its outbox row cost 166–183 µs of PostgreSQL CPU alone in
+//! their statement, and 30–56 µs each eight to a statement.
 //!
 //! Failures: an event whose user does not exist is left out of its statement and answered 404, the
 //! others are written. Any other error PostgreSQL reports about a statement's data (a user deleted
@@ -23,11 +13,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use common::group_commit::GroupCommit;
 use common::pool::{DbPool, Unavailable};
 use common::traces;
 use diesel::result::Error as DieselError;
 use prometheus::Histogram;
-use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Span;
 use uuid::Uuid;
 
@@ -44,28 +34,22 @@ pub const STATEMENTS_IN_FLIGHT: usize = 2;
 /// Most events in one statement (about 10 ms of PostgreSQL's time at the measured cost per event).
 pub const MAX_BATCH: usize = 128;
 
-/// Requests whose events wait for a statement; more wait for room (and their request deadline).
-const QUEUE: usize = 1024;
+/// An event with the request's `postgres` span (the statement's span is created as its child).
+type Pending = (NewEvent, Span);
 
-/// Hands events to the batching task; cheap to share.
+/// Writes POSTed events; cheap to share.
 pub struct EventWriter {
-    queue: mpsc::Sender<Pending>,
-}
-
-/// One request's event, waiting for its statement.
-struct Pending {
-    event: NewEvent,
-    /// The request's `postgres` span: the statement's span is created as its child.
-    span: Span,
-    reply: oneshot::Sender<Result<(), ApiError>>,
+    commits: GroupCommit<Pending, Result<(), ApiError>>,
 }
 
 impl EventWriter {
     /// Starts the task forming batches on `pool`; `batch_sizes` observes each statement's size.
     pub fn start(pool: DbPool, batch_sizes: Histogram) -> Self {
-        let (queue, waiting) = mpsc::channel(QUEUE);
-        tokio::spawn(form_batches(pool, waiting, batch_sizes));
-        Self { queue }
+        let commits = GroupCommit::start(STATEMENTS_IN_FLIGHT, MAX_BATCH, move |batch: Vec<Pending>| {
+            batch_sizes.observe(batch.len() as f64);
+            write_batch(pool.clone(), batch)
+        });
+        Self { commits }
     }
 
     /// Writes `event` with its outbox message, returning once committed; 404 `user` when the user
@@ -73,35 +57,13 @@ impl EventWriter {
     /// as a whole with its batch.
     pub async fn write(&self, event: NewEvent) -> Result<(), ApiError> {
         let span = traces::postgres();
-        let (reply, answer) = oneshot::channel();
-        self.queue.send(Pending { event, span: span.clone(), reply }).await.map_err(|_| stopped())?;
-        let result = answer.await.unwrap_or_else(|_| Err(stopped()));
+        let result = self.commits.submit((event, span.clone())).await.unwrap_or_else(|| {
+            Err(ApiError::Unavailable(anyhow::anyhow!("the event writer has stopped (the api is shutting down)")))
+        });
         if result.is_err() {
             traces::record_error(&span);
         }
         result
-    }
-}
-
-fn stopped() -> ApiError {
-    ApiError::Unavailable(anyhow::anyhow!("the event writer has stopped (the api is shutting down)"))
-}
-
-/// Takes what is queued whenever a statement slot is free, until every [`EventWriter`] is dropped.
-async fn form_batches(pool: DbPool, mut waiting: mpsc::Receiver<Pending>, batch_sizes: Histogram) {
-    let slots = Arc::new(Semaphore::new(STATEMENTS_IN_FLIGHT));
-    loop {
-        let slot = Arc::clone(&slots).acquire_owned().await.expect("the semaphore is never closed");
-        let mut batch = Vec::new();
-        if waiting.recv_many(&mut batch, MAX_BATCH).await == 0 {
-            return;
-        }
-        batch_sizes.observe(batch.len() as f64);
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            write_batch(&pool, batch).await;
-            drop(slot);
-        });
     }
 }
 
@@ -118,7 +80,7 @@ impl From<Unavailable> for Failure {
 }
 
 impl Failure {
-    /// The answer for each request of the batch (the error itself goes to one: errors are not `Clone`).
+    /// The answer for each request of the batch (built anew for each: errors are not `Clone`).
     fn to_api_error(&self) -> ApiError {
         match self {
             Self::Unavailable(err) => ApiError::Unavailable(anyhow::anyhow!("{err}")),
@@ -130,20 +92,19 @@ impl Failure {
     }
 }
 
-async fn write_batch(pool: &DbPool, batch: Vec<Pending>) {
-    let (events, waiters): (Vec<NewEvent>, Vec<(Span, oneshot::Sender<_>)>) =
-        batch.into_iter().map(|pending| (pending.event, (pending.span, pending.reply))).unzip();
+async fn write_batch(pool: DbPool, batch: Vec<Pending>) -> Vec<Result<(), ApiError>> {
+    let (events, spans): (Vec<NewEvent>, Vec<Span>) = batch.into_iter().unzip();
     let events: Arc<[NewEvent]> = events.into();
     let statement_spans: Vec<Span> =
-        waiters.iter().map(|(span, _)| span.in_scope(|| traces::outbox_insert_batch(events.len()))).collect();
-    let results = match insert(pool, &events).await {
+        spans.iter().map(|span| span.in_scope(|| traces::outbox_insert_batch(events.len()))).collect();
+    let results = match insert(&pool, &events).await {
         Ok(written) => answers(&events, &written),
         Err(Failure::Database(err)) if events.len() > 1 && !common::pool::is_transient(&err) => {
             tracing::warn!(error = %err, events = events.len(), "an event batch failed; writing its events one by one");
             let mut results = Vec::with_capacity(events.len());
             for event in events.iter() {
                 let one: Arc<[NewEvent]> = Arc::new([event.clone()]);
-                results.push(match insert(pool, &one).await {
+                results.push(match insert(&pool, &one).await {
                     Ok(written) => answers(&one, &written).remove(0),
                     Err(failure) => Err(failure.to_api_error()),
                 });
@@ -153,10 +114,7 @@ async fn write_batch(pool: &DbPool, batch: Vec<Pending>) {
         Err(failure) => events.iter().map(|_| Err(failure.to_api_error())).collect(),
     };
     drop(statement_spans);
-    for ((_, reply), result) in waiters.into_iter().zip(results) {
-        // A request that stopped waiting (its deadline) has dropped its receiver.
-        let _ = reply.send(result);
-    }
+    results
 }
 
 async fn insert(pool: &DbPool, events: &Arc<[NewEvent]>) -> Result<Vec<Uuid>, Failure> {
