@@ -51,8 +51,8 @@ impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
     }
 
     /// `item`'s result, once the write holding it has finished; `None` if the writing task is gone
-    /// (the process is stopping, or the write panicked). A caller that stops waiting does not take
-    /// its item back: it is written, or not, with its batch.
+    /// (the process is stopping, or the write panicked). A caller that stops waiting before its
+    /// batch starts is left out of it; after, its item is written, or not, with its batch.
     pub async fn submit(&self, item: T) -> Option<R> {
         let (reply, result) = oneshot::channel();
         self.queue.send((item, reply)).await.ok()?;
@@ -74,11 +74,25 @@ where
         if waiting.recv_many(&mut batch, max_batch).await == 0 {
             return;
         }
+        // A caller that stopped waiting (its deadline passed while queued) is not written for: it has
+        // answered its client already, and the client may retry.
+        batch.retain(|(_, reply): &Pending<T, R>| !reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let (items, replies): (Vec<T>, Vec<oneshot::Sender<R>>) = batch.into_iter().unzip();
         let written = write(items);
         tokio::spawn(async move {
             let results = written.await;
-            debug_assert_eq!(results.len(), replies.len(), "one result per item");
+            if results.len() != replies.len() {
+                // A bug in `write`: no caller can be told which result is its own.
+                tracing::error!(
+                    items = replies.len(),
+                    results = results.len(),
+                    "a group write did not return one result per item"
+                );
+                return;
+            }
             for (reply, result) in replies.into_iter().zip(results) {
                 // A caller that stopped waiting has dropped its receiver.
                 let _ = reply.send(result);
@@ -141,6 +155,49 @@ mod tests {
         }
         assert_eq!(results, [Some(20), Some(30), Some(40), Some(50)], "each caller gets its own item's result");
         assert_eq!(*batches.lock().unwrap(), [vec![1], vec![2, 3, 4], vec![5]]);
+    }
+
+    #[tokio::test]
+    async fn an_item_whose_caller_gave_up_while_queued_is_not_written() {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let seen = Arc::clone(&batches);
+        let commits = GroupCommit::start(1, 8, move |items: Vec<u32>| {
+            seen.lock().unwrap().push(items.clone());
+            let mut released = released.clone();
+            async move {
+                released.wait_for(|go| *go).await.unwrap();
+                items
+            }
+        });
+        let first = tokio::spawn({
+            let commits = commits.clone();
+            async move { commits.submit(1).await }
+        });
+        while batches.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // Queued behind the first write, then abandoned (as a request past its deadline).
+        let abandoned = tokio::spawn({
+            let commits = commits.clone();
+            async move { commits.submit(2).await }
+        });
+        while commits.queued() < 1 {
+            tokio::task::yield_now().await;
+        }
+        abandoned.abort();
+        assert!(abandoned.await.unwrap_err().is_cancelled());
+        let kept = tokio::spawn({
+            let commits = commits.clone();
+            async move { commits.submit(3).await }
+        });
+        while commits.queued() < 2 {
+            tokio::task::yield_now().await;
+        }
+        release.send(true).unwrap();
+        assert_eq!(first.await.unwrap(), Some(1));
+        assert_eq!(kept.await.unwrap(), Some(3));
+        assert_eq!(*batches.lock().unwrap(), [vec![1], vec![3]]);
     }
 
     #[tokio::test]

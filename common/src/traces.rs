@@ -203,9 +203,19 @@ pub fn outbox_insert() -> Span {
 }
 
 /// The span of one statement inserting `events` events with their outbox rows, under each request's
-/// own `postgres` span (the statement is shared: see the api's event writer).
+/// own `postgres` span (the statement is shared: see the api's event writer). OpenTelemetry's
+/// `db.operation.batch.size` is only set for a batch (two or more).
 pub fn outbox_insert_batch(events: usize) -> Span {
-    tracing::info_span!(target: CHILD_TARGET, "outbox insert", otel.kind = "internal", db.operation.batch.size = events)
+    let span = tracing::info_span!(
+        target: CHILD_TARGET,
+        "outbox insert",
+        otel.kind = "internal",
+        db.operation.batch.size = tracing::field::Empty
+    );
+    if events > 1 {
+        span.record("db.operation.batch.size", events);
+    }
+    span
 }
 
 /// A header lookup as an OpenTelemetry extractor.

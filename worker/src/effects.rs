@@ -17,6 +17,7 @@ use diesel::result::Error as DieselError;
 use diesel::sql_types::Uuid as SqlUuid;
 use diesel_async::{AnsiTransactionManager, RunQueryDsl, TransactionManager};
 use prometheus::Histogram;
+use tracing::{Instrument, Span};
 use uuid::Uuid;
 
 /// Why applying an event failed.
@@ -78,12 +79,14 @@ pub const MAX_MERGED: usize = 4;
 pub const STATEMENTS_IN_FLIGHT: usize = 4;
 
 /// What a lane's batch asks of the database.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Changes {
     /// Client events to claim and count.
     client_events: Vec<Uuid>,
     /// Users whose counters go.
     deleted_users: Vec<Uuid>,
+    /// The caller's span: a statement's database span sits under its first batch's.
+    span: Span,
 }
 
 /// Applies lanes' batches, concurrent ones in one statement ([`common::group_commit`]); cheap to clone.
@@ -123,6 +126,7 @@ impl Effects {
                 .filter(|event| event.event_type == lifecycle::USER_DELETED)
                 .map(|event| event.user_id)
                 .collect(),
+            span: Span::current(),
         };
         let claimed = self
             .commits
@@ -152,6 +156,7 @@ async fn apply_merged(pool: DbPool, batches: Vec<Changes>) -> Vec<Result<HashSet
     let merged = Changes {
         client_events: batches.iter().flat_map(|batch| batch.client_events.iter().copied()).collect(),
         deleted_users: batches.iter().flat_map(|batch| batch.deleted_users.iter().copied()).collect(),
+        span: batches[0].span.clone(),
     };
     match apply_changes(&pool, &merged).await {
         Ok(claimed) => batches
@@ -181,6 +186,7 @@ async fn apply_merged(pool: DbPool, batches: Vec<Changes>) -> Vec<Result<HashSet
 async fn apply_changes(pool: &DbPool, changes: &Changes) -> Result<HashSet<Uuid>, EffectError> {
     let client_events = changes.client_events.clone();
     let deleted_users = changes.deleted_users.clone();
+    let span = changes.span.clone();
     pool.run(|conn| {
         Box::pin(async move {
             // Two statements are one transaction (one alone is atomic anyway, and deletions are rare).
@@ -220,6 +226,7 @@ async fn apply_changes(pool: &DbPool, changes: &Changes) -> Result<HashSet<Uuid>
             result.map_err(classify)
         })
     })
+    .instrument(span)
     .await
 }
 

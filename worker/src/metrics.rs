@@ -51,7 +51,7 @@ impl WorkerMetrics {
             statement_batches: r.histogram(
                 "worker_effects_statement_batches",
                 "Lanes' batches applied per statement (concurrent lanes share one)",
-                &[1.0, 2.0, 4.0, 8.0, 16.0],
+                &[1.0, 2.0, 3.0, 4.0],
             ),
             registry,
         }

@@ -2,9 +2,11 @@
 
 use bytes::Bytes;
 use common::db::models::EventRow;
+use common::traces;
 use common::wire::{CreateEventRequest, Event, EventPage, Events, UserStats};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use http::StatusCode;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::repo::{self, EventFilter, NewEvent};
@@ -37,7 +39,10 @@ pub async fn create(
     };
     let written = idempotency::write(&state.db, Some(idempotent), WithoutKey::Transaction, move |conn| {
         Box::pin(async move {
-            let written = repo::insert_with_messages(conn, std::slice::from_ref(&new)).await.map_err(unknown_user)?;
+            let written = repo::insert_with_messages(conn, std::slice::from_ref(&new))
+                .instrument(traces::outbox_insert())
+                .await
+                .map_err(unknown_user)?;
             if written.is_empty() {
                 return Err(ApiError::NotFound("user"));
             }

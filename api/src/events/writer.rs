@@ -5,10 +5,11 @@
 //! their statement, and 30–56 µs each eight to a statement.
 //!
 //! Failures: an event whose user does not exist is left out of its statement and answered 404, the
-//! others are written. Any other error PostgreSQL reports about a statement's data (a user deleted
-//! between the check and the insert fails the foreign key) sends each of its events again alone, so
-//! that only the request at fault fails. A database that cannot serve the statement at all (pool
-//! exhausted, connection lost) fails the whole batch: 503 for each request, as each would have got.
+//! others are written. Any other error PostgreSQL reports about a statement (a user deleted between
+//! the check and the insert fails the foreign key: 404; one event's lock wait outlasting the statement
+//! timeout) sends each of its events again alone, so that only the request at fault fails. A database
+//! that cannot serve the statement at all (pool exhausted, connection lost) fails the whole batch: 503
+//! for each request, as each would have got.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use common::group_commit::GroupCommit;
 use common::pool::{DbPool, Unavailable};
 use common::traces;
-use diesel::result::Error as DieselError;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use prometheus::Histogram;
 use tracing::Span;
 use uuid::Uuid;
@@ -58,7 +59,7 @@ impl EventWriter {
     pub async fn write(&self, event: NewEvent) -> Result<(), ApiError> {
         let span = traces::postgres();
         let result = self.commits.submit((event, span.clone())).await.unwrap_or_else(|| {
-            Err(ApiError::Unavailable(anyhow::anyhow!("the event writer has stopped (the api is shutting down)")))
+            Err(ApiError::Internal(anyhow::anyhow!("the event writer gave no answer (stopped, or its write failed)")))
         });
         if result.is_err() {
             traces::record_error(&span);
@@ -68,8 +69,11 @@ impl EventWriter {
 }
 
 /// Why a statement failed.
+#[derive(Debug, thiserror::Error)]
 enum Failure {
+    #[error("{0}")]
     Unavailable(Unavailable),
+    #[error("{0}")]
     Database(DieselError),
 }
 
@@ -80,10 +84,29 @@ impl From<Unavailable> for Failure {
 }
 
 impl Failure {
+    /// Whether PostgreSQL answered about the statement itself (an error with a SQLSTATE), as opposed
+    /// to not serving it at all: then each event alone may fare differently.
+    fn is_about_the_statement(&self) -> bool {
+        match self {
+            Self::Unavailable(_) => false,
+            Self::Database(err) => !matches!(
+                err,
+                DieselError::DatabaseError(
+                    DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                    _
+                )
+            ),
+        }
+    }
+
     /// The answer for each request of the batch (built anew for each: errors are not `Clone`).
     fn to_api_error(&self) -> ApiError {
         match self {
             Self::Unavailable(err) => ApiError::Unavailable(anyhow::anyhow!("{err}")),
+            // The user was deleted between the statement's check and its insert.
+            Self::Database(DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _)) => {
+                ApiError::NotFound("user")
+            }
             Self::Database(err) if common::pool::is_transient(err) => {
                 ApiError::Unavailable(anyhow::anyhow!("PostgreSQL could not serve the query: {err}"))
             }
@@ -99,14 +122,26 @@ async fn write_batch(pool: DbPool, batch: Vec<Pending>) -> Vec<Result<(), ApiErr
         spans.iter().map(|span| span.in_scope(|| traces::outbox_insert_batch(events.len()))).collect();
     let results = match insert(&pool, &events).await {
         Ok(written) => answers(&events, &written),
-        Err(Failure::Database(err)) if events.len() > 1 && !common::pool::is_transient(&err) => {
-            tracing::warn!(error = %err, events = events.len(), "an event batch failed; writing its events one by one");
+        Err(failure) if events.len() > 1 && failure.is_about_the_statement() => {
+            tracing::warn!(error = %failure, events = events.len(), "an event batch failed; writing its events one by one");
             let mut results = Vec::with_capacity(events.len());
+            let mut unavailable = None;
             for event in events.iter() {
+                // Once the database stops serving, the rest would only wait for it one by one.
+                if let Some(failure) = &unavailable {
+                    results.push(Err(Failure::to_api_error(failure)));
+                    continue;
+                }
                 let one: Arc<[NewEvent]> = Arc::new([event.clone()]);
                 results.push(match insert(&pool, &one).await {
                     Ok(written) => answers(&one, &written).remove(0),
-                    Err(failure) => Err(failure.to_api_error()),
+                    Err(failure) => {
+                        let result = Err(failure.to_api_error());
+                        if !failure.is_about_the_statement() {
+                            unavailable = Some(failure);
+                        }
+                        result
+                    }
                 });
             }
             results

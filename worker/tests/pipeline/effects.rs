@@ -92,6 +92,8 @@ async fn a_failing_batch_merged_with_others_fails_alone() {
     let mut vars = testkit::service_vars();
     let database = testkit::create_database().await;
     vars.insert("DB_NAME".into(), database.clone());
+    // The statements wait on a lock the test holds: no timeout may cut them short on a slow machine.
+    vars.insert("DB_STATEMENT_TIMEOUT_MS".into(), "60000".into());
     let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
     api::db::migrate(&config.database).await.unwrap();
     let mut admin = testkit::connect(&database).await;
