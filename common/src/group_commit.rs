@@ -13,6 +13,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use prometheus::Histogram;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// Callers waiting for a write; more wait for room (and for their own deadlines).
@@ -32,16 +33,20 @@ impl<T, R> Clone for GroupCommit<T, R> {
 }
 
 impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
-    /// Starts the task forming batches (call inside the runtime). `write` gets a batch's items in
-    /// the order they were queued and returns one result per item, in the same order. The task ends
-    /// once every clone of the returned handle is dropped.
-    pub fn start<W, F>(slots: usize, max_batch: usize, write: W) -> Self
+    /// Starts the task forming batches (call inside the runtime); `sizes` observes how many items
+    /// each write takes. `write` gets a batch's items in the order they were queued and returns one
+    /// result per item, in the same order. The task ends once every clone of the returned handle is
+    /// dropped.
+    pub fn start<W, F>(slots: usize, max_batch: usize, sizes: Histogram, write: W) -> Self
     where
         W: Fn(Vec<T>) -> F + Send + Sync + 'static,
         F: Future<Output = Vec<R>> + Send + 'static,
     {
         let (queue, waiting) = mpsc::channel(QUEUE);
-        tokio::spawn(form_batches(slots, max_batch, waiting, write));
+        tokio::spawn(form_batches(slots, max_batch, waiting, move |items: Vec<T>| {
+            sizes.observe(items.len() as f64);
+            write(items)
+        }));
         Self { queue }
     }
 
@@ -109,12 +114,16 @@ mod tests {
 
     use super::*;
 
+    fn sizes() -> Histogram {
+        Histogram::with_opts(prometheus::HistogramOpts::new("sizes", "batch sizes")).unwrap()
+    }
+
     #[tokio::test]
     async fn a_lone_item_goes_at_once_and_items_queued_meanwhile_share_the_next_write() {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let (release, released) = tokio::sync::watch::channel(false);
         let seen = Arc::clone(&batches);
-        let commits = GroupCommit::start(1, 3, move |items: Vec<u32>| {
+        let commits = GroupCommit::start(1, 3, sizes(), move |items: Vec<u32>| {
             seen.lock().unwrap().push(items.clone());
             let mut released = released.clone();
             async move {
@@ -162,7 +171,7 @@ mod tests {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let (release, released) = tokio::sync::watch::channel(false);
         let seen = Arc::clone(&batches);
-        let commits = GroupCommit::start(1, 8, move |items: Vec<u32>| {
+        let commits = GroupCommit::start(1, 8, sizes(), move |items: Vec<u32>| {
             seen.lock().unwrap().push(items.clone());
             let mut released = released.clone();
             async move {
@@ -202,7 +211,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_that_panics_answers_none_and_frees_its_slot() {
-        let commits = GroupCommit::start(1, 8, |items: Vec<u32>| async move {
+        let commits = GroupCommit::start(1, 8, sizes(), |items: Vec<u32>| async move {
             assert!(!items.contains(&0), "poison");
             items
         });

@@ -99,8 +99,7 @@ impl Effects {
     /// Starts the task merging batches (call inside the runtime); `merged` observes how many
     /// batches each statement applies.
     pub fn start(pool: DbPool, merged: Histogram) -> Self {
-        let commits = GroupCommit::start(STATEMENTS_IN_FLIGHT, MAX_MERGED, move |batches: Vec<Changes>| {
-            merged.observe(batches.len() as f64);
+        let commits = GroupCommit::start(STATEMENTS_IN_FLIGHT, MAX_MERGED, merged, move |batches: Vec<Changes>| {
             apply_merged(pool.clone(), batches)
         });
         Self { commits }

@@ -46,8 +46,7 @@ pub struct EventWriter {
 impl EventWriter {
     /// Starts the task forming batches on `pool`; `batch_sizes` observes each statement's size.
     pub fn start(pool: DbPool, batch_sizes: Histogram) -> Self {
-        let commits = GroupCommit::start(STATEMENTS_IN_FLIGHT, MAX_BATCH, move |batch: Vec<Pending>| {
-            batch_sizes.observe(batch.len() as f64);
+        let commits = GroupCommit::start(STATEMENTS_IN_FLIGHT, MAX_BATCH, batch_sizes, move |batch: Vec<Pending>| {
             write_batch(pool.clone(), batch)
         });
         Self { commits }
