@@ -426,6 +426,11 @@ def measure_worker(stack, args, ids_file):
     # POST-user runs, every row pgbench inserted): the worker phases get a topic and group of their own,
     # so every message the worker handles is one of the events measured.
     wait_outbox_drained(stack)
+    # The HTTP phase left hundreds of thousands of dead outbox rows and event versions; with autovacuum
+    # off (this machine's PostgreSQL, conf.d/90-ci.conf) the relay's select would walk them in every
+    # figure below (BENCHMARKS.md, "Where PostgreSQL's work per event goes", item 4). Reclaimed here,
+    # as autovacuum would in production.
+    psql("VACUUM (ANALYZE) outbox, events, user_event_stats", stack.db)
     # Every api runs the outbox relay; one left on the old topic could take the publisher lock and send
     # the measured events where the worker is not listening.
     for other in ("api_uncached", "api_auth", "api_traced"):
