@@ -14,6 +14,8 @@ pub struct Process {
     /// The child itself.
     pub child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Reads stdout until the child closes it.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Process {
@@ -35,13 +37,13 @@ impl Process {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().unwrap();
         let collected = Arc::clone(&lines);
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut reader = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = reader.next_line().await {
                 collected.lock().unwrap().push(line);
             }
         });
-        Self { child, lines }
+        Self { child, lines, reader: Some(reader) }
     }
 
     /// Sends SIGTERM (or SIGINT).
@@ -52,8 +54,13 @@ impl Process {
     }
 
     /// Waits for the exit; panics past `timeout`.
+    /// Its last lines are collected by then (the exit alone raced the reader: a test read no lines).
     pub async fn exit_within(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        tokio::time::timeout(timeout, self.child.wait()).await.expect("exited in time").unwrap()
+        let status = tokio::time::timeout(timeout, self.child.wait()).await.expect("exited in time").unwrap();
+        if let Some(reader) = self.reader.take() {
+            tokio::time::timeout(timeout, reader).await.expect("stdout closed in time").expect("reader finished");
+        }
+        status
     }
 
     /// Every stdout line so far.

@@ -138,10 +138,23 @@ async fn the_api_serves_over_verified_tls_and_refuses_a_certificate_for_another_
 
     // Without migrations at start it runs, but is not ready, and a log line says why.
     let mut vars = vars;
-    let port = testkit::closed_port();
     vars.insert("RUN_MIGRATIONS".into(), "false".into());
-    vars.insert("SERVER_PORT".into(), port.to_string());
-    let process = testkit::Process::spawn(env!("CARGO_BIN_EXE_api").as_ref(), &vars);
+    // A free port may be taken by another test's server before this api binds it: then the api exits,
+    // and the probes below would reach the other server. Another port, then.
+    let (port, process) = loop {
+        let port = testkit::closed_port();
+        vars.insert("SERVER_PORT".into(), port.to_string());
+        let mut process = testkit::Process::spawn(env!("CARGO_BIN_EXE_api").as_ref(), &vars);
+        let bound = testkit::eventually("the api listening or gone", Duration::from_secs(10), || {
+            let exited = process.child.try_wait().ok().flatten().is_some();
+            let listening = process.output().iter().any(|line| line.contains("api listening"));
+            async move { (exited || listening).then_some(listening) }
+        })
+        .await;
+        if bound {
+            break (port, process);
+        }
+    };
     // Once its issuer's keys are loaded, PostgreSQL alone keeps it from being ready.
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
     testkit::eventually("the api answering with its keys loaded", Duration::from_secs(10), || async {
