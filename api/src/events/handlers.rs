@@ -4,7 +4,7 @@ use bytes::Bytes;
 use common::db::models::EventRow;
 use common::traces;
 use common::wire::{CreateEventRequest, Event, EventPage, Events, UserStats};
-use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::result::Error as DieselError;
 use http::StatusCode;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -131,8 +131,5 @@ fn to_wire(row: EventRow) -> Result<Event, ApiError> {
 }
 
 fn unknown_user(err: DieselError) -> ApiError {
-    match err {
-        DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _) => ApiError::NotFound("user"),
-        other => other.into(),
-    }
+    if repo::is_unknown_user(&err) { ApiError::NotFound("user") } else { err.into() }
 }

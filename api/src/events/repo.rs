@@ -101,6 +101,12 @@ pub async fn insert_with_messages(conn: &mut AsyncPgConnection, batch: &[NewEven
     Ok(written.into_iter().map(|row| row.event_id).collect())
 }
 
+/// Whether an insert failed because the event's user does not exist (deleted between the statement's
+/// check and its insert: the foreign key).
+pub fn is_unknown_user(err: &DieselError) -> bool {
+    matches!(err, DieselError::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, _))
+}
+
 /// The event with this id, if any.
 pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<EventRow>, DieselError> {
     events::table.find(id).select(EventRow::as_select()).first(conn).await.optional()

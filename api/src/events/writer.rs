@@ -102,10 +102,7 @@ impl Failure {
     fn to_api_error(&self) -> ApiError {
         match self {
             Self::Unavailable(err) => ApiError::Unavailable(anyhow::anyhow!("{err}")),
-            // The user was deleted between the statement's check and its insert.
-            Self::Database(DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _)) => {
-                ApiError::NotFound("user")
-            }
+            Self::Database(err) if repo::is_unknown_user(err) => ApiError::NotFound("user"),
             Self::Database(err) if common::pool::is_transient(err) => {
                 ApiError::Unavailable(anyhow::anyhow!("PostgreSQL could not serve the query: {err}"))
             }
