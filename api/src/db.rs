@@ -1,5 +1,7 @@
 //! PostgreSQL: the connection pool, migrations, and how database failures map to API errors.
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use common::config::DatabaseConfig;
 use common::postgres::Connector;
@@ -122,12 +124,26 @@ where
 
 impl From<common::pool::Unavailable> for ApiError {
     fn from(err: common::pool::Unavailable) -> Self {
+        Arc::new(err).into()
+    }
+}
+
+/// Shared, for the event writer's batches: every request of a failed batch gets its own answer.
+impl From<Arc<common::pool::Unavailable>> for ApiError {
+    fn from(err: Arc<common::pool::Unavailable>) -> Self {
         ApiError::Unavailable(err.into())
     }
 }
 
 impl From<DieselError> for ApiError {
     fn from(err: DieselError) -> Self {
+        Arc::new(err).into()
+    }
+}
+
+/// Shared, as for [`common::pool::Unavailable`]: the one place a failed query becomes 503 or 500.
+impl From<Arc<DieselError>> for ApiError {
+    fn from(err: Arc<DieselError>) -> Self {
         if common::pool::is_transient(&err) {
             ApiError::Unavailable(anyhow::Error::new(err).context("PostgreSQL could not serve the query"))
         } else {

@@ -4,7 +4,6 @@ use bytes::Bytes;
 use common::db::models::EventRow;
 use common::traces;
 use common::wire::{CreateEventRequest, Event, EventPage, Events, UserStats};
-use diesel::result::Error as DieselError;
 use http::StatusCode;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -42,7 +41,7 @@ pub async fn create(
             let written = repo::insert_with_messages(conn, std::slice::from_ref(&new))
                 .instrument(traces::outbox_insert())
                 .await
-                .map_err(unknown_user)?;
+                .map_err(repo::insert_failed)?;
             if written.is_empty() {
                 return Err(ApiError::NotFound("user"));
             }
@@ -128,8 +127,4 @@ fn filter_from_query(query: Option<&str>) -> Result<EventFilter, ApiError> {
 fn to_wire(row: EventRow) -> Result<Event, ApiError> {
     Event::try_from(row)
         .map_err(|err| ApiError::Internal(anyhow::Error::new(err).context("stored event data is not JSON")))
-}
-
-fn unknown_user(err: DieselError) -> ApiError {
-    if repo::is_unknown_user(&err) { ApiError::NotFound("user") } else { err.into() }
 }

@@ -1,5 +1,7 @@
 //! SQL for events and stats.
 
+use std::sync::Arc;
+
 use chrono::{SubsecRound, Utc};
 use common::db::models::{EventRow, NewOutboxRow, UserEventStatsRow};
 use common::db::prepared::{Bind, Prepared};
@@ -10,6 +12,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::validate::ValidEvent;
+use crate::http::error::ApiError;
 use crate::http::query::Pagination;
 use crate::pages;
 
@@ -101,10 +104,15 @@ pub async fn insert_with_messages(conn: &mut AsyncPgConnection, batch: &[NewEven
     Ok(written.into_iter().map(|row| row.event_id).collect())
 }
 
-/// Whether an insert failed because the event's user does not exist (deleted between the statement's
-/// check and its insert: the foreign key).
-pub fn is_unknown_user(err: &DieselError) -> bool {
-    matches!(err, DieselError::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, _))
+/// The answer for a failed insert of events: 404 when the user does not exist (deleted between the
+/// statement's check and its insert: the foreign key), otherwise as for any failed query.
+pub fn insert_failed(err: impl Into<Arc<DieselError>>) -> ApiError {
+    let err = err.into();
+    if matches!(*err, DieselError::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, _)) {
+        ApiError::NotFound("user")
+    } else {
+        err.into()
+    }
 }
 
 /// The event with this id, if any.

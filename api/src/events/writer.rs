@@ -71,14 +71,14 @@ impl EventWriter {
 #[derive(Debug, thiserror::Error)]
 enum Failure {
     #[error("{0}")]
-    Unavailable(Unavailable),
+    Unavailable(Arc<Unavailable>),
     #[error("{0}")]
-    Database(DieselError),
+    Database(Arc<DieselError>),
 }
 
 impl From<Unavailable> for Failure {
     fn from(err: Unavailable) -> Self {
-        Self::Unavailable(err)
+        Self::Unavailable(Arc::new(err))
     }
 }
 
@@ -89,7 +89,7 @@ impl Failure {
         match self {
             Self::Unavailable(_) => false,
             Self::Database(err) => !matches!(
-                err,
+                **err,
                 DieselError::DatabaseError(
                     DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
                     _
@@ -98,15 +98,11 @@ impl Failure {
         }
     }
 
-    /// The answer for each request of the batch (built anew for each: errors are not `Clone`).
+    /// The answer for each request of the batch (each its own: `ApiError` is not `Clone`).
     fn to_api_error(&self) -> ApiError {
         match self {
-            Self::Unavailable(err) => ApiError::Unavailable(anyhow::anyhow!("{err}")),
-            Self::Database(err) if repo::is_unknown_user(err) => ApiError::NotFound("user"),
-            Self::Database(err) if common::pool::is_transient(err) => {
-                ApiError::Unavailable(anyhow::anyhow!("PostgreSQL could not serve the query: {err}"))
-            }
-            Self::Database(err) => ApiError::Internal(anyhow::anyhow!("database query failed: {err}")),
+            Self::Unavailable(err) => Arc::clone(err).into(),
+            Self::Database(err) => repo::insert_failed(Arc::clone(err)),
         }
     }
 }
@@ -150,8 +146,12 @@ async fn write_batch(pool: DbPool, batch: Vec<Pending>) -> Vec<Result<(), ApiErr
 
 async fn insert(pool: &DbPool, events: &Arc<[NewEvent]>) -> Result<Vec<Uuid>, Failure> {
     let events = Arc::clone(events);
-    pool.run(|conn| Box::pin(async move { repo::insert_with_messages(conn, &events).await.map_err(Failure::Database) }))
-        .await
+    pool.run(|conn| {
+        Box::pin(async move {
+            repo::insert_with_messages(conn, &events).await.map_err(|err| Failure::Database(Arc::new(err)))
+        })
+    })
+    .await
 }
 
 /// Each event's answer: written, or 404 for a user that does not exist.
