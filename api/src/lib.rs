@@ -109,7 +109,11 @@ impl App {
         let relay = Relay {
             producer: self.producer,
             current_producer,
-            connector: Connector::new(&self.state.config.database, "highload-api-outbox")?,
+            connector: Connector::with_settings(
+                &self.state.config.database,
+                "highload-api-outbox",
+                outbox::relay::SESSION_SETTINGS,
+            )?,
             config: self.state.config.clone(),
             signal: self.state.outbox_signal.clone(),
             metrics: self.state.metrics.clone(),

@@ -36,6 +36,15 @@ impl Connector {
     /// Reads the CA bundle now, so that a missing or malformed `DB_SSLROOTCERT` stops the process at
     /// start rather than failing every connection later. `application_name` shows in `pg_stat_activity`.
     pub fn new(config: &DatabaseConfig, application_name: &str) -> anyhow::Result<Self> {
+        Self::with_settings(config, application_name, &[])
+    }
+
+    /// As [`Connector::new`], with server `settings` (name, value) for every session it opens.
+    pub fn with_settings(
+        config: &DatabaseConfig,
+        application_name: &str,
+        settings: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let roots = match &config.ssl_root_cert {
             Some(path) if config.ssl_mode != SslMode::Disable => {
                 Some(tls::load_roots(path).context("DB_SSLROOTCERT cannot be used")?)
@@ -68,7 +77,13 @@ impl Connector {
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3)
             .tcp_user_timeout(Duration::from_secs(30))
-            .options(format!("-c statement_timeout={}", config.statement_timeout.as_millis()))
+            .options(
+                std::iter::once(("statement_timeout", config.statement_timeout.as_millis().to_string().as_str()))
+                    .chain(settings.iter().copied())
+                    .map(|(name, value)| format!("-c {name}={value}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
             .ssl_mode(match config.ssl_mode {
                 SslMode::Disable => WireSslMode::Disable,
                 SslMode::Prefer => WireSslMode::Prefer,
@@ -206,6 +221,17 @@ mod tests {
         assert_eq!(dead_peer, (Duration::from_secs(10), Some(&Duration::from_secs(30))));
         assert!(connector.0.tls.is_none());
         assert_eq!(connector.0.target, "postgres at db.internal:5432/highload_db");
+    }
+
+    #[test]
+    fn extra_settings_follow_the_statement_timeout() {
+        let vars = std::collections::HashMap::from([("DB_STATEMENT_TIMEOUT_MS".to_string(), "700".to_string())]);
+        let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
+        let connector = Connector::with_settings(&config.database, "test", &[("plan_cache_mode", "force_custom_plan")]);
+        assert_eq!(
+            connector.unwrap().0.config.get_options(),
+            Some("-c statement_timeout=700 -c plan_cache_mode=force_custom_plan")
+        );
     }
 
     #[test]

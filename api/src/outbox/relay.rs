@@ -80,6 +80,14 @@ enum Ended {
     Stalled,
 }
 
+/// The relay's session plans each statement for the outbox as it is now. The outbox swings from
+/// empty to a backlog of millions and back; a generic plan, cached once a prepared statement has run
+/// five times, fits the size the table had then: planned on a near-empty outbox it scans the whole
+/// heap (dead rows included) for every batch of a later backlog, until the next ANALYZE. Measured in
+/// `bench/run`'s end-to-end phase: both the select and the delete scanned about 1,600 pages a call
+/// instead of walking the primary key (BENCHMARKS.md, "Where the time goes").
+pub const SESSION_SETTINGS: &[(&str, &str)] = &[("plan_cache_mode", "force_custom_plan")];
+
 impl Relay {
     /// Runs until `stop` turns true (or its sender is gone); finishes the batches in flight (bounded
     /// by `SHUTDOWN_TIMEOUT`), hands the lease over, and drops what the producer still holds.

@@ -12,6 +12,7 @@ mod http;
 mod idempotency;
 mod migrations;
 mod operability;
+mod outbox;
 mod ratelimit;
 mod shutdown;
 mod transport;
