@@ -35,7 +35,6 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use common::config::{AuthConfig, Config};
-use common::postgres::Connector;
 use tokio::net::TcpListener;
 
 use common::kafka::KafkaProducer;
@@ -109,11 +108,7 @@ impl App {
         let relay = Relay {
             producer: self.producer,
             current_producer,
-            connector: Connector::with_settings(
-                &self.state.config.database,
-                "highload-api-outbox",
-                outbox::relay::SESSION_SETTINGS,
-            )?,
+            connector: outbox::relay::connector(&self.state.config.database)?,
             config: self.state.config.clone(),
             signal: self.state.outbox_signal.clone(),
             metrics: self.state.metrics.clone(),

@@ -80,7 +80,7 @@ impl Connector {
             .options(
                 std::iter::once(("statement_timeout", config.statement_timeout.as_millis().to_string().as_str()))
                     .chain(settings.iter().copied())
-                    .map(|(name, value)| format!("-c {name}={value}"))
+                    .map(|(name, value)| format!("-c {}={}", escape_option(name), escape_option(value)))
                     .collect::<Vec<_>>()
                     .join(" "),
             )
@@ -168,6 +168,11 @@ impl Connector {
     }
 }
 
+/// PostgreSQL splits the startup `options` at spaces, with `\` escaping the next character.
+fn escape_option(text: &str) -> String {
+    text.replace('\\', "\\\\").replace(' ', "\\ ")
+}
+
 /// A failed attempt, and whether waiting could cure it.
 enum Failure {
     /// The server (or its certificate) refuses these settings.
@@ -177,12 +182,14 @@ enum Failure {
 }
 
 /// Whether the server refused the settings rather than failed to answer: a TLS error (rustls's, or
-/// no TLS where the mode demands it) or an authorization error (SQLSTATE class 28; 3D000: no such
-/// database; 42501: no CONNECT privilege; 55000: the database does not accept connections).
+/// no TLS where the mode demands it), an authorization error (SQLSTATE class 28; 3D000: no such
+/// database; 42501: no CONNECT privilege; 55000: the database does not accept connections), or a
+/// session setting it does not know or accept (42704, 22023: a server older than PostgreSQL 12 has no
+/// `plan_cache_mode`).
 fn is_refusal(err: &tokio_postgres::Error) -> bool {
     if let Some(db) = err.as_db_error() {
         let code = db.code().code();
-        return code.starts_with("28") || ["3D000", "42501", "55000"].contains(&code);
+        return code.starts_with("28") || ["3D000", "42501", "55000", "42704", "22023"].contains(&code);
     }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(error) = cause {
@@ -232,6 +239,11 @@ mod tests {
             connector.unwrap().0.config.get_options(),
             Some("-c statement_timeout=700 -c plan_cache_mode=force_custom_plan")
         );
+    }
+
+    #[test]
+    fn spaces_and_backslashes_in_settings_are_escaped() {
+        assert_eq!(escape_option(r"a b\c"), r"a\ b\\c");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::repo::{self, EventFilter, NewEvent};
 use super::validate;
+use super::writer;
 use crate::http::error::ApiError;
 use crate::http::query::{Cursor, Pagination};
 use crate::http::response::{self, HttpResponse};
@@ -41,7 +42,7 @@ pub async fn create(
             let written = repo::insert_with_messages(conn, std::slice::from_ref(&new))
                 .instrument(traces::outbox_insert())
                 .await
-                .map_err(repo::insert_failed)?;
+                .map_err(writer::insert_failed)?;
             if written.is_empty() {
                 return Err(ApiError::NotFound("user"));
             }

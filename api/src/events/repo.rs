@@ -1,7 +1,5 @@
 //! SQL for events and stats.
 
-use std::sync::Arc;
-
 use chrono::{SubsecRound, Utc};
 use common::db::models::{EventRow, NewOutboxRow, UserEventStatsRow};
 use common::db::prepared::{Bind, Prepared};
@@ -12,7 +10,6 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::validate::ValidEvent;
-use crate::http::error::ApiError;
 use crate::http::query::Pagination;
 use crate::pages;
 
@@ -102,17 +99,6 @@ pub async fn insert_with_messages(conn: &mut AsyncPgConnection, batch: &[NewEven
     ];
     let written = Prepared::new(INSERT_WITH_MESSAGES, binds).load::<Written>(conn).await?;
     Ok(written.into_iter().map(|row| row.event_id).collect())
-}
-
-/// The answer for a failed insert of events: 404 when the user does not exist (deleted between the
-/// statement's check and its insert: the foreign key), otherwise as for any failed query.
-pub fn insert_failed(err: impl Into<Arc<DieselError>>) -> ApiError {
-    let err = err.into();
-    if matches!(*err, DieselError::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, _)) {
-        ApiError::NotFound("user")
-    } else {
-        err.into()
-    }
 }
 
 /// The event with this id, if any.

@@ -102,7 +102,7 @@ impl Failure {
     fn to_api_error(&self) -> ApiError {
         match self {
             Self::Unavailable(err) => Arc::clone(err).into(),
-            Self::Database(err) => repo::insert_failed(Arc::clone(err)),
+            Self::Database(err) => insert_failed(Arc::clone(err)),
         }
     }
 }
@@ -161,4 +161,15 @@ fn answers(events: &[NewEvent], written: &[Uuid]) -> Vec<Result<(), ApiError>> {
         .iter()
         .map(|event| if written.contains(&event.row.id) { Ok(()) } else { Err(ApiError::NotFound("user")) })
         .collect()
+}
+
+/// The answer for a failed insert of events: 404 when the user does not exist (deleted between the
+/// statement's check and its insert: the foreign key), otherwise as for any failed query.
+pub fn insert_failed(err: impl Into<Arc<DieselError>>) -> ApiError {
+    let err = err.into();
+    if matches!(*err, DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _)) {
+        ApiError::NotFound("user")
+    } else {
+        err.into()
+    }
 }

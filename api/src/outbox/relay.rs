@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use common::backoff::Backoff;
-use common::config::Config;
+use common::config::{Config, DatabaseConfig};
 use common::db::models::OutboxRow;
 use common::db::schema::{outbox, outbox_publisher};
 use common::kafka::KafkaProducer;
@@ -83,10 +83,16 @@ enum Ended {
 /// The relay's session plans each statement for the outbox as it is now. The outbox swings from
 /// empty to a backlog of millions and back; a generic plan, cached once a prepared statement has run
 /// five times, fits the size the table had then: planned on a near-empty outbox it scans the whole
-/// heap (dead rows included) for every batch of a later backlog, until the next ANALYZE. Measured in
-/// `bench/run`'s end-to-end phase: both the select and the delete scanned about 1,600 pages a call
-/// instead of walking the primary key (BENCHMARKS.md, "Where the time goes").
-pub const SESSION_SETTINGS: &[(&str, &str)] = &[("plan_cache_mode", "force_custom_plan")];
+/// heap (dead rows included) for every batch of a later backlog, until something replans it (a
+/// VACUUM or ANALYZE of the outbox, a new session). Measured in `bench/run`'s end-to-end phase: the
+/// select and the delete read about 1,600 pages a call instead of walking the primary key
+/// (BENCHMARKS.md, "The relay's plans").
+const SESSION_SETTINGS: &[(&str, &str)] = &[("plan_cache_mode", "force_custom_plan")];
+
+/// Opens the relay's own sessions (its lease and its statements), with [`SESSION_SETTINGS`].
+pub fn connector(config: &DatabaseConfig) -> anyhow::Result<Connector> {
+    Connector::with_settings(config, "highload-api-outbox", SESSION_SETTINGS)
+}
 
 impl Relay {
     /// Runs until `stop` turns true (or its sender is gone); finishes the batches in flight (bounded

@@ -15,13 +15,11 @@ struct Setting {
 
 /// The relay's session plans every statement for the outbox as it is at that moment: a generic plan
 /// cached while the outbox was empty scans the whole table for every batch of a later backlog
-/// (api::outbox::relay::SESSION_SETTINGS; BENCHMARKS.md). The server itself reports the setting.
+/// (api::outbox::relay::connector; BENCHMARKS.md, "The relay's plans"). The server itself reports the setting.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_relays_session_plans_each_statement_for_the_outbox_as_it_is() {
     let app = spawn_app().await;
-    let connector =
-        Connector::with_settings(&app.config.database, "test", api::outbox::relay::SESSION_SETTINGS).unwrap();
-    let mut conn = connector.connect().await.unwrap();
+    let mut conn = api::outbox::relay::connector(&app.config.database).unwrap().connect().await.unwrap();
     let setting: Setting = diesel::sql_query("SHOW plan_cache_mode").get_result(&mut conn).await.unwrap();
     assert_eq!(setting.plan_cache_mode, "force_custom_plan");
     let default: Setting = diesel::sql_query("SHOW plan_cache_mode")
