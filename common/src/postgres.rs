@@ -61,6 +61,10 @@ impl Connector {
                 anyhow::bail!("DB_SSLMODE {:?} needs DB_SSLROOTCERT", config.ssl_mode)
             }
         };
+        let mut options = format!("-c statement_timeout={}", config.statement_timeout.as_millis());
+        for (name, value) in settings {
+            options.push_str(&format!(" -c {}={}", escape_option(name), escape_option(value)));
+        }
         let mut wire = tokio_postgres::Config::new();
         wire.host(&config.host)
             .port(config.port)
@@ -77,13 +81,7 @@ impl Connector {
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3)
             .tcp_user_timeout(Duration::from_secs(30))
-            .options(
-                std::iter::once(("statement_timeout", config.statement_timeout.as_millis().to_string().as_str()))
-                    .chain(settings.iter().copied())
-                    .map(|(name, value)| format!("-c {}={}", escape_option(name), escape_option(value)))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            )
+            .options(&options)
             .ssl_mode(match config.ssl_mode {
                 SslMode::Disable => WireSslMode::Disable,
                 SslMode::Prefer => WireSslMode::Prefer,
