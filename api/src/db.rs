@@ -29,6 +29,18 @@ pub fn pool(config: &DatabaseConfig) -> anyhow::Result<DbPool> {
     common::pool::build(config, APPLICATION_NAME)
 }
 
+/// Name of the event writer's sessions in `pg_stat_activity`.
+pub const EVENTS_APPLICATION_NAME: &str = "highload-api-events";
+
+/// Builds the event writer's own sessions, one per statement it runs at once. Apart from the api's
+/// pool because its one statement inserts a batch by key and keeps one plan for every batch
+/// ([`common::pool::keyed_connector`]), while the pool's list queries need plans made for their
+/// filters.
+pub fn events_pool(config: &DatabaseConfig) -> anyhow::Result<DbPool> {
+    let connector = common::pool::keyed_connector(config, EVENTS_APPLICATION_NAME)?;
+    Ok(common::pool::build_with(connector, config, crate::events::writer::STATEMENTS_IN_FLIGHT as u32))
+}
+
 /// Applies pending migrations as the schema's owner (`DB_MIGRATION_USER`), holding a PostgreSQL
 /// advisory lock so that concurrent starts take turns, then grants the running binaries' role
 /// (`DB_USER`) what they need when it is another role: DML on the service's tables, nothing more.

@@ -73,6 +73,7 @@ impl App {
         let cache = UserCache::new(redis.clone(), &config.redis, metrics.cache.clone());
         let rate_limiter = RateLimiter::new(&config.rate_limit, redis, &config.redis.key_prefix, &metrics);
         let db = db::pool(&config.database).context("invalid PostgreSQL configuration")?;
+        let events_db = db::events_pool(&config.database).context("invalid PostgreSQL configuration")?;
         let producer: KafkaProducer =
             common::kafka::producer(&config.kafka).context("invalid Kafka producer configuration")?;
         // Topics are created by whichever binary starts first; Kafka being down must not stop the api.
@@ -90,7 +91,7 @@ impl App {
         let listener = TcpListener::bind(config.server.addr)
             .await
             .with_context(|| format!("failed to listen on {}", config.server.addr))?;
-        let state = AppState::new(db, cache, routes, config, metrics, Clients { auth, rate_limiter });
+        let state = AppState::new(db, events_db, cache, routes, config, metrics, Clients { auth, rate_limiter });
         Ok(Self { listener, state, producer })
     }
 

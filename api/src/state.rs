@@ -55,9 +55,11 @@ pub struct Inner {
 }
 
 impl AppState {
-    /// Bundles the parts (and starts the event writer's task: call inside the runtime).
+    /// Bundles the parts and starts the event writer's task on `events_db` (see [`crate::db::events_pool`]);
+    /// call inside the runtime.
     pub fn new(
         db: DbPool,
+        events_db: DbPool,
         cache: UserCache,
         routes: Routes,
         config: Config,
@@ -65,7 +67,7 @@ impl AppState {
         clients: Clients,
     ) -> Self {
         let in_flight = Semaphore::new(config.server.max_inflight_requests);
-        let event_writer = EventWriter::start(db.clone(), metrics.event_batch_size.clone());
+        let event_writer = EventWriter::start(events_db, metrics.event_batch_size.clone());
         Self(Arc::new(Inner {
             event_writer,
             metrics,

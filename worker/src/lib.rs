@@ -40,10 +40,10 @@ impl Worker {
     /// `WORKER_HTTP_PORT`. A refused certificate or password stops it here: its readiness says
     /// nothing of PostgreSQL, so retrying would hide the refusal behind a worker that looks healthy.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        common::postgres::Connector::new(&config.database, "highload-worker")
-            .context("invalid PostgreSQL configuration")?
-            .check()
-            .await?;
+        // Every statement of the worker finds its rows by id: one cached plan fits them all.
+        let connector = common::pool::keyed_connector(&config.database, "highload-worker")
+            .context("invalid PostgreSQL configuration")?;
+        connector.check().await?;
         common::kafka::ensure_topics(&config.kafka).await.context("failed to ensure Kafka topics")?;
         let (assigned_sender, assigned) = watch::channel(false);
         let (context, rebalances) = WorkerContext::new(assigned_sender);
@@ -53,8 +53,7 @@ impl Worker {
         consumer.subscribe(&[&config.kafka.topic]).context("failed to subscribe")?;
         let producer: KafkaProducer =
             common::kafka::producer(&config.kafka).context("invalid Kafka producer configuration")?;
-        let pool =
-            common::pool::build(&config.database, "highload-worker").context("invalid PostgreSQL configuration")?;
+        let pool = common::pool::build_with(connector, &config.database, config.database.pool_max_size.get());
         let (stop, stop_receiver) = watch::channel(false);
         let metrics = std::sync::Arc::new(metrics::WorkerMetrics::new());
         let lanes = LaneContext {

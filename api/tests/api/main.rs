@@ -12,7 +12,7 @@ mod http;
 mod idempotency;
 mod migrations;
 mod operability;
-mod outbox;
+mod plans;
 mod ratelimit;
 mod shutdown;
 mod transport;
