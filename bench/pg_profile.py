@@ -10,7 +10,9 @@ machine's load; times do (and are wall-clock time, waits included), so runs repe
 
 `--variant NAME` runs the baseline and that variant interleaved (A B A B …) in one stack: a variant is
 SQL applied to the bench database before its runs and undone after (nothing of it outlives the
-database, which is dropped at the end). Needs `pg_stat_statements` in `shared_preload_libraries`.
+database, which is dropped at the end). `--compare-build DIR` adds the api and worker binaries in DIR
+(another commit's `cargo build --release`) as one more variant, so that a change of code is measured
+side by side with the build before it. Needs `pg_stat_statements` in `shared_preload_libraries`.
 """
 
 import argparse
@@ -339,6 +341,8 @@ def main():
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32, as bench/run's end to end)")
     parser.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
                         help="also measure this variant, interleaved with the baseline")
+    parser.add_argument("--compare-build", type=Path, metavar="DIR",
+                        help="also measure the api and worker binaries in DIR (another build), interleaved")
     parser.add_argument("--explain", action="store_true", help="end with EXPLAIN (ANALYZE, BUFFERS, WAL) of the hot statements")
     parser.add_argument("--users", type=int, default=100_000, help="seeded users and events (default 100,000)")
     args = parser.parse_args()
@@ -356,13 +360,15 @@ def main():
             ids_file = tmp / "ids.txt"
             seed(stack, args.users, args.users, ids_file)
             stack.start_cached_api()
-            order = ["baseline", *args.variant]
+            other_build = f"build {args.compare_build}" if args.compare_build else None
+            order = ["baseline", *args.variant, *([other_build] if other_build else [])]
             by_variant = {name: [] for name in order}
             for rep in range(args.runs):
                 for variant in order if rep % 2 == 0 else reversed(order):
                     setup, undo = VARIANTS[variant][1:] if variant in VARIANTS else ([], [])
                     for sql in setup:
                         psql(sql.format(db=stack.db), stack.db)
+                    stack.bin = args.compare_build if variant == other_build else RELEASE
                     restart_apps(stack)
                     log(f"run {rep + 1}/{args.runs}, {variant}: warm-up, then {args.seconds}s of POSTs until processed")
                     subprocess.run([RELEASE / "fixed-rate", stack.url("api", ""), "500", "2", str(ids_file)],
@@ -378,7 +384,8 @@ def main():
                     for sql in undo:
                         psql(sql.format(db=stack.db), stack.db)
             for variant, runs in by_variant.items():
-                description = VARIANTS[variant][0] if variant in VARIANTS else "the design as it is"
+                description = (VARIANTS[variant][0] if variant in VARIANTS else "the api and worker built there"
+                               if variant == other_build else "the design as it is")
                 print(f"\n### {variant}: {description}\n\n{statement_table(runs)}")
                 print(f"\nWhat the active backends waited for while POSTing (pg_stat_activity every 10 ms):\n\n"
                       f"{wait_table(runs)}")

@@ -158,6 +158,8 @@ class Stack:
         self.tmp = tmp
         self.processes = {}
         self.db = f"hlms_bench_{os.getpid()}"
+        # Where the cached api and the worker are started from (bench/pg-profile --compare-build swaps it).
+        self.bin = RELEASE
         self.redis_port, self.broker_port = free_port(), free_port()
         self.ports = {name: free_port() for name in ("api", "api_uncached", "api_auth", "api_traced", "ref", "worker")}
         psql(f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)")
@@ -213,7 +215,7 @@ class Stack:
 
     def start_cached_api(self):
         # A TTL longer than the run: entries must not expire between the warm-up and the last rep.
-        self.start("api", [RELEASE / "api"], {**self.env, "SERVER_PORT": str(self.ports["api"]), "RUN_MIGRATIONS": "false",
+        self.start("api", [self.bin / "api"], {**self.env, "SERVER_PORT": str(self.ports["api"]), "RUN_MIGRATIONS": "false",
                                               "CACHE_TTL": "7200"})
 
     def stop_process(self, name):
@@ -229,7 +231,7 @@ class Stack:
 
     def start_worker(self):
         """Starts the worker and waits until it holds its partitions."""
-        self.start("worker", [RELEASE / "worker"], {**self.env, "WORKER_HTTP_PORT": str(self.ports["worker"])})
+        self.start("worker", [self.bin / "worker"], {**self.env, "WORKER_HTTP_PORT": str(self.ports["worker"])})
         wait_for("the worker's partitions", lambda: json.loads(urllib.request.urlopen(
             self.url("worker", "/health/ready"), timeout=2).read())["assigned"], 60)
 
