@@ -1,5 +1,6 @@
 //! PostgreSQL: the connection pool, migrations, and how database failures map to API errors.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -34,11 +35,12 @@ pub const EVENTS_APPLICATION_NAME: &str = "highload-api-events";
 
 /// Builds the event writer's own sessions, one per statement it runs at once. Apart from the api's
 /// pool because its one statement inserts a batch by key and keeps one plan for every batch
-/// ([`common::pool::keyed_connector`]), while the pool's list queries need plans made for their
-/// filters.
+/// ([`common::pool::generic_plan_connector`]), while the pool's filtered queries need plans made for
+/// the value asked.
 pub fn events_pool(config: &DatabaseConfig) -> anyhow::Result<DbPool> {
-    let connector = common::pool::keyed_connector(config, EVENTS_APPLICATION_NAME)?;
-    Ok(common::pool::build_with(connector, config, crate::events::writer::STATEMENTS_IN_FLIGHT as u32))
+    let connector = common::pool::generic_plan_connector(config, EVENTS_APPLICATION_NAME)?;
+    let sessions = NonZeroU32::try_from(u32::try_from(crate::events::writer::STATEMENTS_IN_FLIGHT)?)?;
+    Ok(common::pool::build_with(connector, config, sessions))
 }
 
 /// Applies pending migrations as the schema's owner (`DB_MIGRATION_USER`), holding a PostgreSQL

@@ -105,7 +105,7 @@ fn auth_report(auth: &Authenticator) -> (&'static str, (Value, bool)) {
 /// `GET /metrics`: Prometheus text. Pool and in-flight gauges are read from memory now; the outbox
 /// backlog comes from the last background check. No I/O per scrape.
 pub fn metrics(state: &AppState) -> HttpResponse {
-    state.metrics.sample_pool(&state.db, state.config.database.pool_max_size.get());
+    state.metrics.sample_pools(&[&state.db, state.event_writer.pool()]);
     state.metrics.sample_in_flight(state.config.server.max_inflight_requests, state.in_flight.available_permits());
     let mut response = response::text(StatusCode::OK, common::metrics::encode(&state.metrics.registry));
     response

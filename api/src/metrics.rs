@@ -135,7 +135,8 @@ impl ApiMetrics {
                 EVENT_BATCH_BUCKETS,
             ),
             db_connections: r.gauge_vec("db_pool_connections", "PostgreSQL pool connections by state", &["state"]),
-            db_max_connections: r.gauge("db_pool_max_connections", "PostgreSQL pool size limit"),
+            db_max_connections: r
+                .gauge("db_pool_max_connections", "PostgreSQL pool size limit (the pools of the process together)"),
             db_waits: r.counter("db_pool_waits_total", "Checkouts that had to wait for a connection"),
             db_timeouts: r.counter("db_pool_timeouts_total", "Checkouts that timed out (answered 503)"),
             db_wait_seconds: r.float_counter("db_pool_wait_seconds_total", "Time spent waiting for connections"),
@@ -183,20 +184,29 @@ impl ApiMetrics {
         self.http_in_flight.set(i64::try_from(max_inflight.saturating_sub(available)).unwrap_or(i64::MAX));
     }
 
-    /// Copies the pool's state and counters into the gauges (called at scrape time).
-    pub fn sample_pool(&self, pool: &DbPool, max_size: u32) {
-        let state = pool.state();
-        let idle = i64::from(state.idle_connections);
+    /// Copies the pools' state and counters, summed, into the gauges (called at scrape time): the
+    /// process's PostgreSQL sessions as one pool, so that a checkout timing out in either counts.
+    pub fn sample_pools(&self, pools: &[&DbPool]) {
+        let (mut connections, mut idle, mut max_size) = (0_i64, 0_i64, 0_i64);
+        let (mut waited, mut timed_out, mut wait_seconds) = (0_u64, 0_u64, 0.0_f64);
+        for pool in pools {
+            let state = pool.state();
+            connections += i64::from(state.connections);
+            idle += i64::from(state.idle_connections);
+            max_size += i64::from(pool.max_size().get());
+            waited += state.statistics.get_waited;
+            timed_out += state.statistics.get_timed_out;
+            wait_seconds += state.statistics.get_wait_time.as_secs_f64();
+        }
         self.db_connections.with_label_values(&["idle"]).set(idle);
-        self.db_connections.with_label_values(&["active"]).set(i64::from(state.connections) - idle);
-        self.db_max_connections.set(i64::from(max_size));
-        let stats = state.statistics;
+        self.db_connections.with_label_values(&["active"]).set(connections - idle);
+        self.db_max_connections.set(max_size);
         // bb8 keeps cumulative counts; the counters catch up to them.
-        self.db_waits.inc_by(stats.get_waited.saturating_sub(self.db_waits.get()));
-        self.db_timeouts.inc_by(stats.get_timed_out.saturating_sub(self.db_timeouts.get()));
-        let waited = stats.get_wait_time.as_secs_f64() - self.db_wait_seconds.get();
-        if waited > 0.0 {
-            self.db_wait_seconds.inc_by(waited);
+        self.db_waits.inc_by(waited.saturating_sub(self.db_waits.get()));
+        self.db_timeouts.inc_by(timed_out.saturating_sub(self.db_timeouts.get()));
+        let waited_more = wait_seconds - self.db_wait_seconds.get();
+        if waited_more > 0.0 {
+            self.db_wait_seconds.inc_by(waited_more);
         }
     }
 }

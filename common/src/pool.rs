@@ -1,6 +1,7 @@
 //! The PostgreSQL connection pool (diesel-async over bb8), configured the same way in both binaries.
 
 use std::future::Future;
+use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ pub type Work<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
 pub struct DbPool {
     pool: bb8::Pool<Manager>,
     deadline: Duration,
+    max_size: NonZeroU32,
 }
 
 /// PostgreSQL did not serve the work: retry later, never a client's fault.
@@ -81,6 +83,11 @@ impl DbPool {
     pub fn state(&self) -> bb8::State {
         self.pool.state()
     }
+
+    /// Most connections it opens.
+    pub fn max_size(&self) -> NonZeroU32 {
+        self.max_size
+    }
 }
 
 /// A checked-out connection that goes back to the pool only if its work finished.
@@ -104,26 +111,26 @@ impl Drop for Checkout<'_> {
 /// PostgreSQL's way, for the values bound, until a cached plan looks as cheap: right for queries whose
 /// best plan depends on those values (a filter on a column where some values are rare).
 pub fn build(config: &DatabaseConfig, application_name: &str) -> anyhow::Result<DbPool> {
-    Ok(build_with(Connector::new(config, application_name)?, config, config.pool_max_size.get()))
+    Ok(build_with(Connector::new(config, application_name)?, config, config.pool_max_size))
 }
 
-/// Settings of the sessions [`keyed_connector`] opens.
-const KEYED_SESSION_SETTINGS: &[(&str, &str)] = &[("plan_cache_mode", "force_generic_plan")];
+/// Settings of the sessions [`generic_plan_connector`] opens.
+const GENERIC_PLAN_SETTINGS: &[(&str, &str)] = &[("plan_cache_mode", "force_generic_plan")];
 
-/// Opens sessions for statements that find every row by key (an id, an array of ids): one plan fits
-/// whatever values they bind, so each session plans each statement once and keeps the plan
-/// (`plan_cache_mode = force_generic_plan`). PostgreSQL's default would plan them again on nearly
-/// every call: a plan for an array of unknown length never looks cheaper to it than one for the array
-/// bound. Measured on the events insert and the worker's claim: 78 µs of planning per event saved,
-/// and the cached plans execute faster too (BENCHMARKS.md, "Where PostgreSQL's work per event goes,
-/// with group commit"). Never for a pool that runs filters or lists: their cached plan would fit an
-/// average value, not the one asked for. PostgreSQL before 12 refuses the setting.
-pub fn keyed_connector(config: &DatabaseConfig, application_name: &str) -> anyhow::Result<Connector> {
-    Connector::with_settings(config, application_name, KEYED_SESSION_SETTINGS)
+/// Opens sessions that plan each statement once and keep the plan (`plan_cache_mode =
+/// force_generic_plan`), for statements that find every row by key (an id, an array of ids): one plan
+/// fits whatever values they bind. PostgreSQL's default planned such statements again on most calls (a
+/// plan for an array of unknown length never looked as cheap to it as one for the array bound): side
+/// by side, the events insert on 88 % of its calls and the worker's claim on 73 %, 57 µs of planning
+/// per event (BENCHMARKS.md, "One plan per statement for the writers"). Never for sessions that run
+/// filters: their cached plan would fit an average value, not the one asked for. PostgreSQL before 12
+/// refuses the setting.
+pub fn generic_plan_connector(config: &DatabaseConfig, application_name: &str) -> anyhow::Result<Connector> {
+    Connector::with_settings(config, application_name, GENERIC_PLAN_SETTINGS)
 }
 
-/// As [`build`], with `connector`'s sessions and at most `max_size` of them.
-pub fn build_with(connector: Connector, config: &DatabaseConfig, max_size: u32) -> DbPool {
+/// As [`build`], with `connector`'s sessions (built from the same `config`) and at most `max_size`.
+pub fn build_with(connector: Connector, config: &DatabaseConfig, max_size: NonZeroU32) -> DbPool {
     let mut manager_config = ManagerConfig::default();
     manager_config.custom_setup = Box::new(move |_| {
         let connector = connector.clone();
@@ -132,8 +139,8 @@ pub fn build_with(connector: Connector, config: &DatabaseConfig, max_size: u32) 
     // The connection string is unused: the setup above connects from the config itself.
     let manager = AsyncDieselConnectionManager::new_with_config("", manager_config);
     let pool = bb8::Pool::builder()
-        .max_size(max_size)
-        .min_idle(Some(config.pool_min_idle.min(max_size)))
+        .max_size(max_size.get())
+        .min_idle(Some(config.pool_min_idle.min(max_size.get())))
         .connection_timeout(config.pool_timeout)
         // A checkout test costs a round trip per request; broken connections are detected when
         // they are returned instead (diesel-async reports them via `has_broken`, and
@@ -143,7 +150,7 @@ pub fn build_with(connector: Connector, config: &DatabaseConfig, max_size: u32) 
         .build_unchecked(manager);
     // `DB_STATEMENT_TIMEOUT_MS` plus a second, so that the server cancels a slow statement (a clearer
     // error) before the client gives up on the connection.
-    DbPool { pool, deadline: config.statement_timeout + Duration::from_secs(1) }
+    DbPool { pool, deadline: config.statement_timeout + Duration::from_secs(1), max_size }
 }
 
 /// Whether a query failed because PostgreSQL could not serve it right now (connection lost or

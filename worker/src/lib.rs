@@ -18,14 +18,30 @@ pub mod pipeline;
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use common::config::Config;
+use common::config::{Config, DatabaseConfig};
 use common::kafka::KafkaProducer;
+use common::pool::DbPool;
+use common::postgres::Connector;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::lanes::LaneContext;
 use crate::pipeline::{Pipeline, WorkerContext};
+
+/// Name of the worker's sessions in `pg_stat_activity`.
+const APPLICATION_NAME: &str = "highload-worker";
+
+/// Opens the worker's sessions. Every statement it runs finds its rows by id (a batch's ids, a user's
+/// counters), so one cached plan fits them all ([`common::pool::generic_plan_connector`]).
+pub fn connector(config: &DatabaseConfig) -> anyhow::Result<Connector> {
+    common::pool::generic_plan_connector(config, APPLICATION_NAME)
+}
+
+/// The worker's pool: `DB_POOL_MAX_SIZE` of [`connector`]'s sessions.
+pub fn pool(config: &DatabaseConfig) -> anyhow::Result<DbPool> {
+    Ok(common::pool::build_with(connector(config)?, config, config.pool_max_size))
+}
 
 /// A built worker: consumer subscribed, health listener bound.
 pub struct Worker {
@@ -40,10 +56,7 @@ impl Worker {
     /// `WORKER_HTTP_PORT`. A refused certificate or password stops it here: its readiness says
     /// nothing of PostgreSQL, so retrying would hide the refusal behind a worker that looks healthy.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        // Every statement of the worker finds its rows by id: one cached plan fits them all.
-        let connector = common::pool::keyed_connector(&config.database, "highload-worker")
-            .context("invalid PostgreSQL configuration")?;
-        connector.check().await?;
+        connector(&config.database).context("invalid PostgreSQL configuration")?.check().await?;
         common::kafka::ensure_topics(&config.kafka).await.context("failed to ensure Kafka topics")?;
         let (assigned_sender, assigned) = watch::channel(false);
         let (context, rebalances) = WorkerContext::new(assigned_sender);
@@ -53,7 +66,7 @@ impl Worker {
         consumer.subscribe(&[&config.kafka.topic]).context("failed to subscribe")?;
         let producer: KafkaProducer =
             common::kafka::producer(&config.kafka).context("invalid Kafka producer configuration")?;
-        let pool = common::pool::build_with(connector, &config.database, config.database.pool_max_size.get());
+        let pool = pool(&config.database).context("invalid PostgreSQL configuration")?;
         let (stop, stop_receiver) = watch::channel(false);
         let metrics = std::sync::Arc::new(metrics::WorkerMetrics::new());
         let lanes = LaneContext {

@@ -41,15 +41,23 @@ type Pending = (NewEvent, Span);
 /// Writes POSTed events; cheap to share.
 pub struct EventWriter {
     commits: GroupCommit<Pending, Result<(), ApiError>>,
+    /// Its own sessions ([`crate::db::events_pool`]), kept here for the pool metrics.
+    pool: DbPool,
 }
 
 impl EventWriter {
     /// Starts the task forming batches on `pool`; `batch_sizes` observes each statement's size.
     pub fn start(pool: DbPool, batch_sizes: Histogram) -> Self {
+        let sessions = pool.clone();
         let commits = GroupCommit::start(STATEMENTS_IN_FLIGHT, MAX_BATCH, batch_sizes, move |batch: Vec<Pending>| {
-            write_batch(pool.clone(), batch)
+            write_batch(sessions.clone(), batch)
         });
-        Self { commits }
+        Self { commits, pool }
+    }
+
+    /// The sessions it writes with.
+    pub fn pool(&self) -> &DbPool {
+        &self.pool
     }
 
     /// Writes `event` with its outbox message, returning once committed; 404 `user` when the user

@@ -25,7 +25,8 @@ async fn metrics_are_prometheus_text_labelled_by_route_template() {
         "http_requests_in_flight",
         r#"cache_operations_total{operation="get",result="hit"}"#,
         r#"db_pool_connections{state="idle"}"#,
-        "db_pool_max_connections 8",
+        // The pool's 8 (DB_POOL_MAX_SIZE) and the event writer's 2 sessions.
+        "db_pool_max_connections 10",
         "db_pool_waits_total",
         "outbox_backlog",
         "outbox_published_total",

@@ -53,7 +53,7 @@ async fn a_batch_with_a_deletion_is_committed_whole_or_not_at_all() {
     ] {
         diesel::sql_query(statement).execute(&mut admin).await.unwrap();
     }
-    let pool = common::pool::build(&config.database, "test").unwrap();
+    let pool = worker::pool(&config.database).unwrap();
     let effects = Effects::start(pool, WorkerMetrics::new().statement_batches);
     let batch = [message(event, kept, "login"), message(Uuid::new_v4(), deleted, "user_deleted")];
     let batch: Vec<&EventMessage> = batch.iter().collect();
@@ -120,8 +120,7 @@ async fn a_failing_batch_merged_with_others_fails_alone() {
         .unwrap();
     }
     let metrics = WorkerMetrics::new();
-    let effects =
-        Effects::start(common::pool::build(&config.database, "test").unwrap(), metrics.statement_batches.clone());
+    let effects = Effects::start(worker::pool(&config.database).unwrap(), metrics.statement_batches.clone());
     let apply = |n: usize, refused: bool| {
         let (effects, user, event) = (effects.clone(), users[n], events[n]);
         tokio::spawn(async move {
@@ -178,4 +177,25 @@ async fn a_failing_batch_merged_with_others_fails_alone() {
     // The fillers went one per statement, the queued batches in one.
     let statements = (metrics.statement_batches.get_sample_count(), metrics.statement_batches.get_sample_sum());
     assert_eq!(statements, (slots as u64 + 1, (slots + merged) as f64));
+}
+
+#[derive(QueryableByName)]
+struct Setting {
+    #[diesel(sql_type = Text)]
+    plan_cache_mode: String,
+}
+
+/// The worker's sessions plan each statement once and keep the plan: everything the worker runs finds
+/// its rows by id (BENCHMARKS.md, "One plan per statement for the writers"). The server reports it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_workers_sessions_keep_one_plan_per_statement() {
+    let mut vars = testkit::service_vars();
+    vars.insert("DB_NAME".into(), testkit::create_database().await);
+    let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
+    let pool = worker::pool(&config.database).unwrap();
+    let setting: Setting = pool
+        .run(|conn| Box::pin(async { anyhow::Ok(diesel::sql_query("SHOW plan_cache_mode").get_result(conn).await?) }))
+        .await
+        .unwrap();
+    assert_eq!(setting.plan_cache_mode, "force_generic_plan");
 }
