@@ -65,8 +65,8 @@ VARIANTS = {
     "no_type_index": ("events' (type, created_at, id) index dropped",
                       ["DROP INDEX events_type_created_at_id_idx"],
                       ["CREATE INDEX events_type_created_at_id_idx ON events (type, created_at DESC, id DESC)"]),
-    "generic_plans": ("plan_cache_mode = force_generic_plan (every session of the database): the worker's claim and "
-                      "the relay's select are planned once per connection instead of on every call",
+    "generic_plans": ("plan_cache_mode = force_generic_plan for every session of the database that does not set "
+                      "its own (since 2026-12-02 the event writer, the worker and the relay do: only the api's pool)",
                       ["ALTER DATABASE {db} SET plan_cache_mode = force_generic_plan"],
                       ["ALTER DATABASE {db} RESET plan_cache_mode"]),
     "commit_delay": ("group commit: commit_delay = 200 µs, commit_siblings = 5 (every session of the database)",
@@ -316,15 +316,19 @@ PREPARE relay_delete AS {texts[DELETE]};
 -- pg_stat_statements shows the claim's two literals as $2 and $3 ('processed', 'pending').
 PREPARE claim AS {texts[CLAIM]};
 \\echo ===== {INSERT} (auto_explain: the statement, then the statements of its trigger)
+-- Each statement planned as its sessions plan it (common::pool::generic_plan_connector, outbox::relay::connector).
+SET plan_cache_mode = force_generic_plan;
 SET auto_explain.log_min_duration = 0;
 EXECUTE insert_event(ARRAY[gen_random_uuid()], ARRAY['{user}'::uuid], ARRAY['bench'], ARRAY['{{"n":1}}'], ARRAY[now()],
                      ARRAY['{{}}'], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::text]);
 SET auto_explain.log_min_duration = -1;
 \\echo ===== {SELECT}: 201 rows waiting
+SET plan_cache_mode = force_custom_plan;
 {analyze} EXECUTE relay_select('{{}}', :epoch, 500);
 \\echo ===== {DELETE}: 200 of them
 {analyze} EXECUTE relay_delete(:'rows');
 \\echo ===== {CLAIM}: 200 events of 200 users
+SET plan_cache_mode = force_generic_plan;
 {analyze} EXECUTE claim(:'events', 'processed', 'pending');
 ROLLBACK;
 """
@@ -346,6 +350,8 @@ def main():
     parser.add_argument("--explain", action="store_true", help="end with EXPLAIN (ANALYZE, BUFFERS, WAL) of the hot statements")
     parser.add_argument("--users", type=int, default=100_000, help="seeded users and events (default 100,000)")
     args = parser.parse_args()
+    if args.compare_build and not all((args.compare_build / name).is_file() for name in ("api", "worker")):
+        raise SystemExit(f"--compare-build: no api and worker binaries in {args.compare_build}")
     if "pg_stat_statements" not in psql("SHOW shared_preload_libraries", capture=True):
         raise SystemExit("pg_stat_statements is not loaded: ALTER SYSTEM SET shared_preload_libraries = "
                          "'pg_stat_statements', then restart PostgreSQL (pg_ctlcluster 15 main restart)")
