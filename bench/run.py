@@ -189,21 +189,25 @@ class Stack:
 
     def start_apps(self):
         self.start_cached_api()
+        # PostgreSQL's default 100 connections hold every server's sessions and pgbench's clients: each
+        # api keeps its pool, its relay's own session and its event writer's 2, and the refserver 16. Only
+        # the cached api POSTs events: the others open no writer sessions (no idle minimum), so the
+        # three full apis take 16 + 1 + 2, 17 and 17, the traced one 2, the refserver 16 and pgbench 28
+        # (see PGBENCH_CLIENTS): 99 (sampled from pg_stat_activity during a smoke run).
+        lazy = {"DB_POOL_MIN_IDLE": "0"}
         # The cached api again, with what clients cost: a bearer token on every request (the development
         # issuer, JWKS from a file) and the rate limiter on, its limit far above the load.
         self.start("api_auth", [RELEASE / "api"], {
-            **self.env, "SERVER_PORT": str(self.ports["api_auth"]), "RUN_MIGRATIONS": "false", "CACHE_TTL": "7200",
+            **self.env, **lazy, "SERVER_PORT": str(self.ports["api_auth"]), "RUN_MIGRATIONS": "false", "CACHE_TTL": "7200",
             "AUTH_MODE": "jwt", "AUTH_ISSUER": "highload-microservice-dev", "AUTH_AUDIENCE": "highload-microservice",
             "AUTH_JWKS_FILE": str(ROOT / "dev/auth/jwks.json"), "RATE_LIMIT_RPS": "100000"})
         # The cached api once more with traces on: every request sampled (the default sampler, with
         # no caller's traceparent), its spans exported over OTLP/HTTP to a sink in this process. Its
-        # cached GETs never reach PostgreSQL, so it keeps a pool of one: every api also holds its relay's
-        # own session, so the three other apis take 51 of PostgreSQL's 100 connections, the refserver
-        # 16, this one 2 and pgbench's clients 28 (see PGBENCH_CLIENTS).
+        # cached GETs never reach PostgreSQL, so it keeps a pool of one (and its relay's session).
         self.start("api_traced", [RELEASE / "api"], {
-            **self.env, "SERVER_PORT": str(self.ports["api_traced"]), "RUN_MIGRATIONS": "false", "CACHE_TTL": "7200",
-            "DB_POOL_MAX_SIZE": "1", "DB_POOL_MIN_IDLE": "0", "OTEL_EXPORTER_OTLP_ENDPOINT": start_otlp_sink()})
-        self.start("api_uncached", [RELEASE / "api"], {**self.env, "SERVER_PORT": str(self.ports["api_uncached"]),
+            **self.env, **lazy, "SERVER_PORT": str(self.ports["api_traced"]), "RUN_MIGRATIONS": "false",
+            "CACHE_TTL": "7200", "DB_POOL_MAX_SIZE": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": start_otlp_sink()})
+        self.start("api_uncached", [RELEASE / "api"], {**self.env, **lazy, "SERVER_PORT": str(self.ports["api_uncached"]),
                                                         "CACHE_TTL": "0", "RUN_MIGRATIONS": "false"})
         self.start("ref", [RELEASE / "refserver"], {**self.env, "REF_PORT": str(self.ports["ref"]),
                                                      "REF_PG": f"host=127.0.0.1 user=postgres dbname={self.db}",
@@ -307,8 +311,10 @@ def wrk(url, seconds, script=None, args=(), pid=None, connections=64):
     }
 
 
-# With the servers' connections (see Stack.start_apps) within PostgreSQL's default 100, three to spare
-# for psql. 32 overran them once the traced api came (CI's smoke run failed to connect).
+# With the servers' connections (see Stack.start_apps) within PostgreSQL's default 100, one to spare for
+# the harness's psql (which runs between measurements). 32 overran them once the traced api came (CI's
+# smoke run failed to connect), and so did the event writers' own sessions until only the api that
+# POSTs events kept them open. Kept at 28 so that the ceilings stay comparable with earlier runs.
 PGBENCH_CLIENTS = 28
 
 
