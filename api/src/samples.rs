@@ -127,6 +127,14 @@ async fn postgres(state: &AppState) -> Result<(), String> {
     state.metrics.outbox_backlog.set(backlog.rows);
     // Whole seconds: an alert threshold is minutes.
     state.metrics.outbox_oldest_age.set(backlog.oldest_age_seconds.max(0.0) as i64);
+    // The event writer's own sessions too: after an outage they reconnect on their own, and ready
+    // must mean that a POSTed event can be written (not only that the pool answers).
+    state
+        .event_writer
+        .pool()
+        .run(|conn| Box::pin(async move { Ok::<_, anyhow::Error>(diesel::sql_query("SELECT 1").execute(conn).await?) }))
+        .await
+        .map_err(|err| format!("event writer: {err:#}"))?;
     Ok(())
 }
 
