@@ -6,6 +6,7 @@
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
+use common::db::prepared::Prepared;
 use common::kafka::KafkaProducer;
 use diesel_async::RunQueryDsl;
 use rdkafka::producer::Producer;
@@ -132,7 +133,9 @@ async fn postgres(state: &AppState) -> Result<(), String> {
     state
         .event_writer
         .pool()
-        .run(|conn| Box::pin(async move { Ok::<_, anyhow::Error>(diesel::sql_query("SELECT 1").execute(conn).await?) }))
+        .run(|conn| {
+            Box::pin(async move { Ok::<_, anyhow::Error>(Prepared::new("SELECT 1", vec![]).execute(conn).await?) })
+        })
         .await
         .map_err(|err| format!("event writer: {err:#}"))?;
     Ok(())

@@ -152,3 +152,16 @@ pub fn init_test_logging() {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     }
 }
+
+#[derive(diesel::QueryableByName)]
+struct PlanCacheMode {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    plan_cache_mode: String,
+}
+
+/// The session's `plan_cache_mode`, as the server reports it.
+pub async fn plan_cache_mode(conn: &mut AsyncPgConnection) -> Result<String, diesel::result::Error> {
+    use diesel_async::RunQueryDsl;
+    let setting: PlanCacheMode = diesel::sql_query("SHOW plan_cache_mode").get_result(conn).await?;
+    Ok(setting.plan_cache_mode)
+}

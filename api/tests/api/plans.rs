@@ -3,23 +3,12 @@
 
 use common::postgres::Connector;
 use diesel::QueryableByName;
-use diesel::result::Error as DieselError;
 use diesel::sql_types::Text;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use serde_json::json;
+use testkit::plan_cache_mode;
 
 use crate::helpers::{spawn_app, unique_email};
-
-#[derive(QueryableByName)]
-struct Setting {
-    #[diesel(sql_type = Text)]
-    plan_cache_mode: String,
-}
-
-async fn plan_cache_mode(conn: &mut AsyncPgConnection) -> Result<String, DieselError> {
-    let setting: Setting = diesel::sql_query("SHOW plan_cache_mode").get_result(conn).await?;
-    Ok(setting.plan_cache_mode)
-}
 
 async fn pooled_plan_cache_mode(pool: &api::db::DbPool) -> String {
     pool.run(|conn| Box::pin(async { anyhow::Ok(plan_cache_mode(conn).await?) })).await.unwrap()

@@ -179,12 +179,6 @@ async fn a_failing_batch_merged_with_others_fails_alone() {
     assert_eq!(statements, (slots as u64 + 1, (slots + merged) as f64));
 }
 
-#[derive(QueryableByName)]
-struct Setting {
-    #[diesel(sql_type = Text)]
-    plan_cache_mode: String,
-}
-
 /// The worker's sessions plan each statement once and keep the plan: everything the worker runs finds
 /// its rows by id (BENCHMARKS.md, "One plan per statement for the writers"). The server reports it.
 #[tokio::test(flavor = "multi_thread")]
@@ -193,9 +187,6 @@ async fn the_workers_sessions_keep_one_plan_per_statement() {
     vars.insert("DB_NAME".into(), testkit::create_database().await);
     let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
     let pool = worker::pool(&config.database).unwrap();
-    let setting: Setting = pool
-        .run(|conn| Box::pin(async { anyhow::Ok(diesel::sql_query("SHOW plan_cache_mode").get_result(conn).await?) }))
-        .await
-        .unwrap();
-    assert_eq!(setting.plan_cache_mode, "force_generic_plan");
+    let mode = pool.run(|conn| Box::pin(async { anyhow::Ok(testkit::plan_cache_mode(conn).await?) })).await.unwrap();
+    assert_eq!(mode, "force_generic_plan");
 }
